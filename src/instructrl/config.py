@@ -164,3 +164,17 @@ def check(cond: bool, message: str) -> None:
     """Raise ConfigError(message) unless cond; for use in ``validate``."""
     if not cond:
         raise ConfigError(message)
+
+
+def param(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+    """A documented config field: ``lr: float = param(1e-5, "peak learning rate")``.
+
+    The help text is what ``instructrl <command> --help`` prints for the key.
+    """
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use factory= for mutable defaults")
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=type(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})

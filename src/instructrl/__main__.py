@@ -1,0 +1,5 @@
+import sys
+
+from instructrl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""``instructrl <command> [--config FILE] [key.sub=value ...]``
+
+Every command is a config dataclass plus a function that takes it. The table
+below is the whole registry: adding a command is adding a line. Modules are
+imported only when their command runs, so ``instructrl --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import typing
+
+from instructrl.config import ConfigError, load_config
+from instructrl.io import DataError
+from instructrl.models import ModelLoadError
+
+# command words -> (module, config class, function, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
+    ("sft",): ("instructrl.sft", "SFTConfig", "train_sft", "supervised fine-tuning on demonstrations (InstructGPT §3.5)"),
+    ("model", "convert"): ("instructrl.models", "ConvertConfig", "convert_command",
+                           "convert the embedded default GGUF model (or any GGUF file) to a safetensors folder"),
+}
+
+
+def _field_help(cls: type, prefix: str = "") -> list[str]:
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"  [{prefix}{f.name}] {f.metadata.get('help', '')}".rstrip())
+            lines += _field_help(tp, prefix + f.name + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        lines.append(f"  {prefix}{f.name} = {default!r}  {f.metadata.get('help', '')}".rstrip())
+    return lines
+
+
+def _resolve(argv: list[str]) -> tuple[tuple[str, ...] | None, list[str]]:
+    for n in (2, 1):
+        key = tuple(argv[:n])
+        if key in COMMANDS:
+            return key, argv[n:]
+    return None, argv
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {' '.join(k):<16} {v[3]}" for k, v in COMMANDS.items())
+    return (
+        "usage: instructrl <command> [--config FILE.yaml] [key.sub=value ...]\n\n"
+        f"commands:\n{rows}\n\n"
+        "Run `instructrl <command> --help` for every config key, its default and meaning."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    key, rest = _resolve(argv)
+    if key is None:
+        print(f"instructrl: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, cls_name, fn_name, help_text = COMMANDS[key]
+    module = importlib.import_module(module_name)
+    cls = getattr(module, cls_name)
+    parser = argparse.ArgumentParser(
+        prog=f"instructrl {' '.join(key)}",
+        description=f"{help_text}\n\nconfig keys (set in --config YAML or as key=value):\n" + "\n".join(_field_help(cls)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file; keys as listed below")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
+    args = parser.parse_args(rest)
+    try:
+        cfg = load_config(cls, args.config, args.overrides)
+        if args.resume:
+            if not hasattr(cfg, "resume"):
+                raise ConfigError(f"'instructrl {' '.join(key)}' cannot resume")
+            cfg.resume = True
+        getattr(module, fn_name)(cfg)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        print(f"instructrl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("instructrl: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
