@@ -2,8 +2,153 @@
 
 The KL penalty against the SFT policy, reward shaping, GAE and whitening live
 here and only here (InstructGPT §3.5 eq. 2; Ziegler et al. 2019; Schulman et al. 2016).
+
+Shapes: ``B`` sequences (episodes), ``R`` response tokens. Every per-token
+tensor is aligned with the response: column ``t`` is the action "emit response
+token t". ``mask`` [B, R] is 1 on real response tokens (the EOS included) and 0
+on the padding after it.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (all dims, or along ``dim``)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries (Bessel-corrected by default)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise the masked entries to unit variance (and zero mean if ``shift_mean``).
+
+    Advantage whitening over the whole rollout batch (Schulman et al. 2017's
+    implementation detail; every RLHF PPO uses it). Padding stays 0.
+    x, mask: [B, R] -> [B, R]
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π_RL || π_SFT) from the sampled token's log-probs.
+
+    With r = log π_SFT(y_t) − log π_RL(y_t) for y_t ~ π_RL (Schulman, "Approximating KL divergence", 2020):
+      k1 = −r              (unbiased; the paper's log(π_RL/π_SFT) term, can be negative per sample)
+      k3 = (e^r − 1) − r   (unbiased and always >= 0, lower variance)
+    logprobs, ref_logprobs: [B, R] -> [B, R]
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        r = -log_ratio
+        return torch.expm1(r) - r
+    raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
+
+
+def shape_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, clip: float | None = None
+) -> tuple[torch.Tensor, dict]:
+    """Per-token reward of InstructGPT eq. (2): −β·KL at every token, plus the RM score at the last one.
+
+    scores: [B]     (normalized) reward-model score of each whole response
+    kl:     [B, R]  per-token KL estimate (``kl_per_token``)
+    mask:   [B, R]  1 on real response tokens; every row needs at least one
+    clip:   if set, the score is clipped to [−clip, clip] first (optional reward clipping)
+    returns rewards [B, R] (0 on padding) and stats
+    """
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    non_score = -beta * kl * mask
+    lengths = mask.sum(1).long()
+    if bool((lengths == 0).any()):
+        raise ValueError("shape_rewards: a response has no tokens")
+    last = (lengths - 1).unsqueeze(1)  # responses are right-padded: the last real token is at length - 1
+    rewards = non_score.scatter_add(1, last, scores.to(non_score.dtype).unsqueeze(1))
+    return rewards, {"non_score_reward": non_score.sum(1).mean().detach(), "score": scores.mean().detach()}
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16), vectorised over the batch.
+
+    A_t = Σ_l (γλ)^l δ_{t+l},  δ_t = r_t + γ V_{t+1} − V_t,  V after the last real token = 0
+    (the episode ends at EOS or at the length limit). Returns (advantages, returns = A + V), [B, R];
+    both 0 on padding. rewards, values, mask: [B, R].
+    """
+    values = values * mask
+    rewards = rewards * mask
+    B, R = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(R)):
+        next_v = values[:, t + 1] if t + 1 < R else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 − Var[target − pred] / Var[target] over masked entries (1 = perfect value function)."""
+    var_t = masked_var(target, mask)
+    return 1 - masked_var(target - pred, mask) / var_t.clamp(min=1e-12)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax distribution at each position. logits [..., V] -> [...]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ---------------------------------------------------------------------------
+# KL coefficient: fixed (InstructGPT, β = 0.02) or adaptive (Ziegler et al. 2019, §2.2)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class KLController:
+    """β for the KL penalty.
+
+    Fixed: β stays at ``value``. Adaptive (Ziegler et al. 2019, eq. in §2.2):
+    e_t = clip(KL_t / KL_target − 1, −0.2, 0.2);  β_{t+1} = β_t (1 + K_β e_t), K_β = n_steps / horizon,
+    where KL_t is the batch's mean per-sequence KL and n_steps the episodes in the batch.
+    """
+
+    value: float
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if not self.adaptive or not math.isfinite(current_kl):
+            return
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "adaptive": self.adaptive, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+        self.adaptive, self.target, self.horizon = bool(state["adaptive"]), float(state["target"]), int(state["horizon"])
