@@ -44,3 +44,77 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
     denom = loss_mask.sum() if num_tokens is None else num_tokens
     loss = total / torch.clamp(torch.as_tensor(denom, dtype=total.dtype), min=1.0)
     return loss, {"nll_sum": total.detach(), "tokens": loss_mask.sum().detach()}
+
+
+# ---------------------------------------------------------------------------
+# PPO (InstructGPT §3.5 eq. 2; Schulman et al. 2017 eq. 7 and the clipped value loss of
+# their baselines implementation). All per-token tensors are [B, R], aligned with the response.
+# ---------------------------------------------------------------------------
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, denom: float | torch.Tensor | None) -> torch.Tensor:
+    d = mask.sum() if denom is None else torch.as_tensor(denom, dtype=x.dtype)
+    return (x * mask).sum() / torch.clamp(d, min=1.0)
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    cliprange: float = 0.2, num_tokens: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+    L = mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)),  ρ_t = exp(logπ − logπ_old).
+    ``num_tokens``: normaliser (default: mask.sum()); pass the minibatch's token count when
+    the minibatch is split into micro-batches so that their gradients add up exactly.
+    Stats: clipfrac (share of tokens where the clipped branch is active) and approx_kl
+    (k3 estimate of KL(π_old || π), the usual PPO early-warning signal).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = _masked_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": ((clipped > unclipped).float() * mask).sum(),
+            "approx_kl": ((torch.expm1(log_ratio) - log_ratio) * mask).sum(),
+            "tokens": mask.sum(),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    cliprange_value: float = 0.2, num_tokens: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss: 0.5 · mean_t max((V − G)², (V_old + clip(V − V_old, ±ε_v) − G)²).
+
+    The value may move at most ε_v from its rollout-time estimate per PPO update
+    (OpenAI baselines ppo2; also used by Ziegler et al. 2019 and TRL).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    l1 = (values - returns) ** 2
+    l2 = (clipped_values - returns) ** 2
+    loss = 0.5 * _masked_mean(torch.maximum(l1, l2), mask, num_tokens)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": ((l2 > l1).float() * mask).sum(), "tokens": mask.sum()}
+    return loss, stats
+
+
+def ptx_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+             num_tokens: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The pretraining term of PPO-ptx, −E_{x~D_pretrain}[log π_RL(x)] per token (InstructGPT eq. 2).
+
+    Same token NLL as SFT, on plain text (every token after the first is trained).
+    """
+    return sft_loss(logits, input_ids, loss_mask, num_tokens)
+
+
+def ppo_ptx_objective(policy_loss: torch.Tensor, ptx: torch.Tensor | None, ptx_coef: float) -> torch.Tensor:
+    """Policy objective of PPO-ptx as a loss: L_PPO + γ · L_ptx (γ = 0 or no ptx batch: plain PPO).
+
+    Both terms are per-token means, so γ weighs one pretraining token against one RL token.
+    """
+    if ptx is None or ptx_coef == 0:
+        return policy_loss
+    return policy_loss + ptx_coef * ptx
