@@ -47,6 +47,62 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
 
 
 # ---------------------------------------------------------------------------
+# Reward model (InstructGPT §3.5, equation 1; https://arxiv.org/abs/2203.02155)
+#
+#   loss(θ) = -1/C(K,2) · E_{(x, y_w, y_l) ~ D} [ log σ( r_θ(x, y_w) - r_θ(x, y_l) ) ]
+#
+# One ranking of K responses is one batch element: its K responses are scored
+# once each (K forward passes) and all C(K,2) comparisons enter its loss, each
+# with weight 1/C(K,2). Tied responses give no comparison (their weight is
+# simply absent). Rankings of different K share one flat score vector.
+# ---------------------------------------------------------------------------
+
+
+def kwise_ranking_loss(scores: torch.Tensor, group: torch.Tensor, ranks: torch.Tensor,
+                       num_rankings: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """K-wise ranking loss of InstructGPT eq. (1), for a batch of rankings of mixed K.
+
+    scores: [N] float, r_θ(x, y) of every response in the batch (rankings concatenated)
+    group:  [N] long, which ranking each response belongs to (any ids; equal id = same ranking)
+    ranks:  [N] long, rank within its ranking (0 = best); equal ranks are ties
+    num_rankings: the normaliser, by default the number of rankings here; pass the
+        count of the whole optimizer step (all micro-batches, all processes) so that
+        accumulation and data parallelism give exactly the full-batch gradient.
+
+    loss = (1/G) Σ_rankings Σ_{(w,l) untied, rank_w < rank_l} softplus(r_l - r_w) / C(K,2)
+    (softplus(-d) = -log σ(d), computed stably). Returns (loss, stats) with stats
+    ``pairs`` (untied comparisons), ``correct`` (r_w > r_l), ``accuracy``,
+    ``margin`` (mean r_w - r_l) and ``rankings``.
+    """
+    if scores.dim() != 1 or group.shape != scores.shape or ranks.shape != scores.shape:
+        raise ValueError(f"scores, group, ranks must all be [N]; got {tuple(scores.shape)}, "
+                         f"{tuple(group.shape)}, {tuple(ranks.shape)}")
+    s = scores.float()
+    same = group[:, None] == group[None, :]                                   # [N, N]
+    better = same & (ranks[:, None] < ranks[None, :])                        # [N, N]: i beats j
+    k = same.sum(1).to(s.dtype)                                               # [N]: K of i's ranking
+    weight = better.to(s.dtype) * (2.0 / (k * (k - 1)).clamp(min=1.0))[:, None]  # 1/C(K,2) on each pair
+    diff = s[:, None] - s[None, :]                                            # [N, N]: r_i - r_j
+    n_groups = torch.unique(group).numel()
+    denom = n_groups if num_rankings is None else num_rankings
+    total = (weight * F.softplus(-diff)).sum()
+    loss = total / torch.clamp(torch.as_tensor(denom, dtype=total.dtype), min=1.0)
+    with torch.no_grad():
+        d = diff[better]
+        pairs = int(better.sum())
+        correct = (d > 0).sum()
+        stats = {
+            "pairs": pairs,
+            "correct": correct,
+            "accuracy": correct.float() / max(pairs, 1),
+            "margin": d.mean() if pairs else torch.zeros(()),
+            "rankings": n_groups,
+            "loss_sum": total.detach(),
+        }
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------
 # PPO (InstructGPT §3.5 eq. 2; Schulman et al. 2017 eq. 7 and the clipped value loss of
 # their baselines implementation). All per-token tensors are [B, R], aligned with the response.
 # ---------------------------------------------------------------------------
