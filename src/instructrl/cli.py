@@ -20,6 +20,9 @@ from instructrl.models import ModelLoadError
 # command words -> (module, config class, function, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("sft",): ("instructrl.sft", "SFTConfig", "train_sft", "supervised fine-tuning on demonstrations (InstructGPT §3.5)"),
+    ("data", "prepare"): ("instructrl.hygiene", "PrepareConfig", "prepare_command", "prompt hygiene on a JSONL file: PII, dedupe, 200/user, split by user (InstructGPT §3.2)"),
+    ("label", "serve"): ("instructrl.labeling.app", "LabelConfig", "serve", "run the labeling web app (demonstrations, rankings, ratings, HH chats)"),
+    ("label", "export"): ("instructrl.labeling.app", "LabelExportConfig", "export_command", "export a labeling project to JSONL (demonstrations, rankings, pairwise, ratings, agreement)"),
     ("model", "convert"): ("instructrl.models", "ConvertConfig", "convert_command",
                            "convert the embedded default GGUF model (or any GGUF file) to a safetensors folder"),
 }
