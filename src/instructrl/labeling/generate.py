@@ -1,0 +1,117 @@
+"""Sampling K completions per prompt from a checkpoint, for ranking/rating tasks and HH turns.
+
+Prompts are encoded with :func:`instructrl.formatting.encode_prompt` (the one
+tokenization rule), so what labelers rank is exactly what the policy would emit.
+InstructGPT samples K = 4..9 outputs per prompt from its models (§3.5); the
+outputs of one prompt must be distinct (a ranking of identical texts carries no
+comparison and :func:`instructrl.data.load_rankings` rejects it), so duplicates
+and empty samples are redrawn a few times.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from instructrl.config import check, param
+from instructrl.data import Messages
+
+
+@dataclass
+class GenConfig:
+    max_new_tokens: int = param(128, "tokens sampled per completion")
+    temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T=1 for comparison data)")
+    top_p: float = param(1.0, "nucleus sampling mass; 1 = plain sampling")
+    batch_size: int = param(4, "prompts per generate() call")
+    max_redraws: int = param(4, "rounds of resampling when a prompt's completions are empty or identical")
+    dtype: str = param("fp32", "fp32 | bf16")
+    seed: int = param(0, "torch seed set before generating")
+
+    def validate(self) -> None:
+        check(self.max_new_tokens >= 1, "gen.max_new_tokens must be >= 1")
+        check(self.temperature > 0, "gen.temperature must be > 0")
+        check(0 < self.top_p <= 1, "gen.top_p must be in (0, 1]")
+        check(self.batch_size >= 1, "gen.batch_size must be >= 1")
+        check(self.dtype in ("fp32", "bf16"), "gen.dtype must be fp32 or bf16")
+
+
+class Generator:
+    """A loaded model + tokenizer that samples distinct replies. Thread-safe (one generate at a time)."""
+
+    def __init__(self, model: str | None, cfg: GenConfig):
+        import torch
+
+        from instructrl.models import dtype_from_name, load_causal_lm, load_tokenizer
+
+        self.cfg = cfg
+        self.name = model or "default"
+        self.tok = load_tokenizer(model, padding_side="left")  # left padding: generation continues every row
+        self.model = load_causal_lm(model, dtype=dtype_from_name(cfg.dtype)).eval()
+        self.lock = threading.Lock()
+        torch.manual_seed(cfg.seed)
+
+    def _sample(self, prompts: list[Messages], n: int) -> list[list[str]]:
+        import torch
+
+        from instructrl.formatting import encode_prompt, pad
+
+        ids = [encode_prompt(self.tok, m) for m in prompts]
+        input_ids, attn = pad(ids, self.tok.pad_token_id, side="left")
+        with self.lock, torch.no_grad():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attn, do_sample=True, temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=n,
+                pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
+            )
+        texts = self.tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+        return [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+    def distinct(self, prompts: list[Messages], k: int) -> list[list[str] | None]:
+        """K distinct non-empty completions per prompt; None for a prompt that still lacks them after redraws."""
+        got: list[list[str]] = [[] for _ in prompts]
+        for _ in range(1 + self.cfg.max_redraws):
+            todo = [i for i, g in enumerate(got) if len(g) < k]
+            if not todo:
+                break
+            samples = self._sample([prompts[i] for i in todo], k)
+            for i, texts in zip(todo, samples):
+                for t in texts:
+                    if t and t not in got[i] and len(got[i]) < k:
+                        got[i].append(t)
+        return [g if len(g) == k else None for g in got]
+
+
+def generate_for_project(store, pid: int, gen: Generator, k: int,
+                         progress: Callable[[int, int], None] | None = None) -> dict:
+    """Fill every prompt of the project that lacks K completions; resumable (done prompts are skipped).
+
+    Progress goes to the store's gen_jobs row (the admin page polls it) and to a tqdm bar.
+    """
+    from tqdm import tqdm
+
+    todo = store.prompts_needing_completions(pid, k)
+    total, done, failed = len(todo), 0, []
+    store.job_update(pid, status="running", total=total, done=0, error="")
+    try:
+        bs = gen.cfg.batch_size
+        for start in tqdm(range(0, total, bs), desc=f"generating {k} completions/prompt", unit="batch"):
+            batch = todo[start:start + bs]
+            import json
+
+            outs = gen.distinct([json.loads(p.messages) for p in batch], k)
+            for p, texts in zip(batch, outs):
+                if texts is None:
+                    failed.append(p.ext_id)
+                else:
+                    store.set_completions(p.id, texts, gen.name)
+            done += len(batch)
+            store.job_update(pid, done=done)
+            if progress:
+                progress(done, total)
+    except Exception as e:
+        store.job_update(pid, status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    err = f"{len(failed)} prompts got fewer than {k} distinct completions: {failed[:5]}" if failed else ""
+    store.job_update(pid, status="done", error=err)
+    return {"prompts": total, "failed": failed}
