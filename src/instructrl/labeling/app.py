@@ -22,6 +22,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastapi import Request  # at module level: FastAPI resolves the string annotations here
+
 from instructrl.config import check, param
 from instructrl.data import RATING_FLAGS
 from instructrl.hygiene import HygieneConfig
@@ -101,7 +103,7 @@ def parse_submission(kind: str, form, k: int, max_chars: int) -> dict:
 
 
 def create_app(cfg: LabelConfig, store: Store | None = None):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
     from fastapi.staticfiles import StaticFiles
     from fastapi.templating import Jinja2Templates
