@@ -1,0 +1,97 @@
+"""SFT stage: learning happens, checkpoints are standard HF folders, data parallel is exact."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructrl.config import load_config
+from instructrl.sft import SFTConfig, add_residual_dropout, cosine_schedule, train_sft
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+
+
+def _cfg(model, out, *extra):
+    return load_config(SFTConfig, None, [
+        f"model={model}", f"output_dir={out}", f"data.train={EXAMPLES / 'demonstrations.jsonl'}",
+        "train.epochs=3", "train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-3", *extra,
+    ])
+
+
+def test_sft_lowers_validation_loss_and_saves_loadable_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    final = train_sft(_cfg(tiny_model_dir, tmp_path / "run"))
+    sel = json.loads((tmp_path / "run" / "selection.json").read_text())
+    losses = [h["val_loss"] for h in sel["history"]]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert sel["best"]["val_loss"] == min(losses)
+    # run folder contents
+    run = tmp_path / "run"
+    assert (run / "config.yaml").exists() and (run / "log.txt").exists()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("tokens_per_s" in r for r in rows) and any("val_loss" in r for r in rows)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-1", "epoch-2", "epoch-3"]
+    # the selected model is a standard HF folder
+    m = AutoModelForCausalLM.from_pretrained(final)
+    assert m.config.vocab_size > 0
+
+
+def test_residual_dropout_is_active_only_in_training(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(0, 100, (2, 10))
+    m.eval()
+    ref = m(ids).logits
+    handles = add_residual_dropout(m, 0.5)
+    assert len(handles) == 2 * m.config.num_hidden_layers
+    assert torch.equal(m(ids).logits, ref)  # eval: no dropout
+    m.train()
+    assert not torch.allclose(m(ids).logits, ref)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_floor():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = cosine_schedule(opt, warmup=2, total=10, min_ratio=0.1)
+    lrs = []
+    for _ in range(10):
+        lrs.append(s.get_last_lr()[0])
+        opt.step()
+        s.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[-1] > 0.1 and s.get_last_lr()[0] == pytest.approx(0.1)
+
+
+def test_two_process_data_parallel_equals_single_process(tiny_model_dir, tmp_path):
+    """torchrun, 2 CPU processes (gloo), micro-batch 1 each == 1 process, micro-batch 4.
+
+    Same global batch of 4; the loss is normalised by the step's token count over
+    all processes, so gradients (and weights) agree to float rounding.
+    """
+    from safetensors.torch import load_file
+
+    common = [f"model={tiny_model_dir}", f"data.train={EXAMPLES / 'demonstrations.jsonl'}", "train.epochs=2",
+              "train.batch_size=4", "train.lr=1e-3", "train.residual_dropout=0", "train.precision=fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "instructrl", "sft", *common, f"output_dir={tmp_path / 'one'}",
+                          "train.micro_batch_size=4"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "instructrl", "sft", *common,
+                          f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    moved = max((a[k] - load_file(tiny_model_dir / "model.safetensors")[k]).abs().max().item() for k in a)
+    assert moved > 1e-3  # training really changed the weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
