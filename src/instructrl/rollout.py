@@ -1,0 +1,146 @@
+"""Rollouts for PPO: batched sampling with a KV cache, and the typed rollout record.
+
+One bandit episode per prompt (InstructGPT §3.5): the policy samples a response
+to a prompt, the episode ends at EOS or at ``max_new_tokens``.
+
+Layout of every rollout tensor: prompts are **left**-padded to ``P`` columns
+and responses **right**-padded to ``R`` columns, so ``query ++ response`` is one
+[B, P + R] sequence whose response always starts at column ``P``. Response
+column ``t`` is the action "emit response token t"; its log-prob and value are
+read at sequence position ``P − 1 + t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from instructrl.formatting import pad
+
+
+@dataclass
+class Generation:
+    """What sampling returns.
+
+    query:         [B, P] long, left-padded prompt ids
+    query_mask:    [B, P] long, 1 on real prompt tokens
+    response:      [B, R] long, right-padded (pad id after the EOS)
+    response_mask: [B, R] float, 1 on real response tokens, the EOS included
+    ended:         [B] bool, True where the response ended with EOS within the limit
+    """
+
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    ended: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # [B, P + R]
+        return torch.cat([self.query, self.response], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # [B, P + R]
+        return torch.cat([self.query_mask, self.response_mask.long()], 1)
+
+
+@dataclass
+class Rollout:
+    """A PPO batch: one generation plus everything scored on it (phases 1–4 of ppo.train_ppo).
+
+    query, query_mask, response, response_mask, ended: as in :class:`Generation` ([B, P], [B, R], [B])
+    logprobs:      [B, R] float, log π_old(token t) — the rollout policy, before this batch's updates
+    ref_logprobs:  [B, R] float, log π_SFT(token t) — the frozen reference
+    values:        [B, R] float, V_old(state before token t) — the value model before this batch's updates
+    scores:        [B]    float, RM score (normalized; missing-EOS penalty and clipping applied)
+    kl:            [B, R] float, per-token KL estimate (k1 or k3)
+    rewards:       [B, R] float, −β·KL at every token + score at the last token
+    advantages:    [B, R] float, whitened GAE advantages
+    returns:       [B, R] float, GAE returns (value targets, not whitened)
+    All per-token tensors are 0 on padding.
+    """
+
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    ended: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """The rows ``idx`` (a minibatch)."""
+        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over real tokens (left padding shifts positions otherwise). [B, T] long."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def sample(
+    model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+    generator: torch.Generator, temperature: float = 1.0, top_k: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> Generation:
+    """Sample one response per prompt with a KV cache; stop each row at EOS.
+
+    Left padding keeps every row's next token in the last column, so one cache
+    serves the whole batch. The prompt is pre-filled in one forward that
+    computes logits for its last position only. Sampling draws from
+    ``generator`` (its own RNG stream, checkpointed with the run), not from
+    torch's global one. Rows that finished keep receiving ``pad_id``; the loop
+    stops as soon as every row has emitted EOS.
+
+    Missing-EOS rule: a response that reaches ``max_new_tokens`` without EOS is
+    kept as is (no EOS appended) and flagged ``ended = False``; PPO can give it
+    a fixed score penalty (``PPOConfig.missing_eos_penalty``).
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    query, query_mask = pad(prompts, pad_id, side="left")
+    query, query_mask = query.to(device), query_mask.to(device)
+    B = query.shape[0]
+    cache = DynamicCache(config=model.config)
+    attn = query_mask
+    tokens = []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ctx = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with ctx:
+        out = model(input_ids=query, attention_mask=attn, position_ids=position_ids(attn), past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        next_pos = position_ids(attn)[:, -1:] + 1
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1, :].float()
+            if temperature != 1.0:
+                logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            tokens.append(nxt)
+            done = done | (nxt == eos_id)
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
+            out = model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=next_pos,
+                        past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+    response = torch.stack(tokens, 1)
+    # real tokens: everything up to and including the first EOS
+    is_eos = response == eos_id
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    response_mask = (~after_eos).float()
+    response = response.masked_fill(after_eos, pad_id)
+    return Generation(query, query_mask, response, response_mask, is_eos.any(1))

@@ -1,0 +1,200 @@
+"""PPO end to end on a tiny model: learning, generation, non-finite skips, config checks, exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructrl.config import ConfigError, load_config
+from instructrl.ppo import KILL_ENV, PPOConfig, micro_batches, stream_indices, train_ppo
+from instructrl.rollout import sample
+
+PROMPTS = ["write a poem", "hello world", "answer in three words", "use a numbered list",
+           "please reply in json", "the quick brown fox"]
+GOOD = range(4, 100)  # the scripted reward likes these token ids (~1/4 of the tiny vocabulary)
+
+
+def good_fraction_reward(query, response, mask):
+    """10 × the share of response tokens whose id is in GOOD: an easy property for the policy to learn."""
+    good = ((response >= GOOD.start) & (response < GOOD.stop)).float() * mask
+    return 10 * good.sum(1) / mask.sum(1)
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(PROMPTS)))
+    return p
+
+
+def tiny_cfg(tiny_model_dir, prompts_file, out, *extra):
+    return load_config(PPOConfig, None, [
+        f"policy={tiny_model_dir}", f"prompts={prompts_file}", f"out={out}", "rollout.batch_size=16",
+        "rollout.max_new_tokens=16", "train.minibatch_size=8", "train.micro_batch_size=8", "train.lr=1e-2",
+        "train.value_lr=3e-3", "train.warmup_steps=0", "train.precision=fp32", *extra])
+
+
+def metrics(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_score_rises_while_kl_stays_bounded(tiny_model_dir, prompts_file, tmp_path):
+    out = tmp_path / "run"
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, out, "steps=30", "kl.coef=0.2"), reward_fn=good_fraction_reward)
+    rows = metrics(out)
+    assert len(rows) == 30
+    first = sum(r["score"] for r in rows[:5]) / 5
+    last = sum(r["score"] for r in rows[-5:]) / 5
+    assert first < 3.5  # ~2.5 = 10 × 96/384 for the random tiny model
+    assert last > first + 2.0, (first, last)
+    assert max(r["kl"] for r in rows) < 25.0  # nats per sequence; β keeps the policy near the reference
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is scored by policy == reference
+    for key in ("beta", "entropy", "clipfrac", "approx_kl", "explained_variance", "response_length", "ptx_loss",
+                "vf_clipfrac", "time_generate", "time_score", "time_train"):
+        assert key in rows[-1]
+    assert (out / "reward_vs_sqrt_kl.png").stat().st_size > 0
+    assert (out / "policy" / "config.json").exists() and (out / "value" / "config.json").exists()
+    assert (out / "config.yaml").exists()
+
+
+def test_ptx_term_is_trained_and_logged(tiny_model_dir, prompts_file, tmp_path):
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text("".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog. " * 3}) + "\n"
+                           for _ in range(5)))
+    out = tmp_path / "run"
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, out, "steps=6", f"ptx_data={ptx}", "train.ptx_coef=1.0",
+                       "train.ptx_batch_size=2"), reward_fn=good_fraction_reward)
+    rows = metrics(out)
+    assert all(r["ptx_loss"] > 0 for r in rows)
+    assert rows[-1]["ptx_loss"] < rows[0]["ptx_loss"]  # the repeated sentence gets likelier
+
+
+def test_nonfinite_update_is_skipped_counted_and_never_saved(tiny_model_dir, prompts_file, tmp_path):
+    calls = {"n": 0}
+
+    def reward(q, r, m):
+        calls["n"] += 1
+        s = good_fraction_reward(q, r, m)
+        return s * float("nan") if calls["n"] == 2 else s  # step 2's rewards are NaN
+
+    out = tmp_path / "run"
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, out, "steps=3", "run.checkpoint_every=2"), reward_fn=reward)
+    rows = metrics(out)
+    assert rows[0]["skipped_policy_updates"] == 0
+    assert rows[1]["skipped_policy_updates"] == 2 and rows[1]["skipped_value_updates"] == 2  # both minibatches
+    assert rows[2]["skipped_policy_updates"] == 2  # step 3 trains normally again
+    from safetensors.torch import load_file
+
+    for sub in ("checkpoints/step-000002/policy", "checkpoints/step-000002/value", "policy"):
+        for name, t in load_file(out / sub / "model.safetensors").items():
+            assert torch.isfinite(t).all(), (sub, name)
+
+
+def test_sampling_respects_left_padding_and_eos(tiny_model_dir, tiny_tokenizer):
+    from instructrl.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    tok = tiny_tokenizer
+    short, long = tok("hello")["input_ids"], tok("the quick brown fox jumps over")["input_ids"]
+    # top_k = 1 is greedy: a row's output must not depend on its neighbours' padding
+    g = torch.Generator().manual_seed(0)
+    both = sample(model, [short, long], 8, tok.eos_token_id, tok.pad_token_id, g, top_k=1)
+    alone = sample(model, [short], 8, tok.eos_token_id, tok.pad_token_id, g, top_k=1)
+    n = int(alone.response_mask[0].sum())
+    assert torch.equal(both.response[0, :n], alone.response[0, :n])
+    # the greedy continuation equals HF generate's
+    ref = model.generate(torch.tensor([short]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)[0, len(short):]
+    assert alone.response[0, : len(ref)].tolist()[:n] == ref.tolist()[:n]
+    # EOS rule: mask covers tokens up to and including the first EOS; padding after it
+    eos = tok.eos_token_id
+    model.lm_head.weight.data[eos] += 50.0  # make EOS the most likely token everywhere
+    g2 = sample(model, [short, long], 8, eos, tok.pad_token_id, g, top_k=1)
+    assert g2.ended.all() and g2.response.shape[1] == 1 and (g2.response[:, 0] == eos).all()
+    assert g2.response_mask.sum() == 2
+
+
+def test_stream_and_micro_batches():
+    a = stream_indices(5, 0, 12, seed=3)
+    assert sorted(a[:5]) == list(range(5)) and sorted(a[5:10]) == list(range(5))  # whole passes, each shuffled
+    assert stream_indices(5, 7, 5, seed=3) == a[7:12]  # the position alone determines what comes next
+    qm = torch.tensor([[0, 1], [1, 1], [0, 1], [1, 1]])
+    rm = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    chunks = list(micro_batches(torch.arange(4), qm, rm, 2))
+    assert sorted(int(i) for c, _, _ in chunks for i in c) == [0, 1, 2, 3]
+    assert [(p, r) for _, p, r in chunks] == [(1, 2), (2, 3)]  # sorted by length: short rows share a tight window
+
+
+def test_config_errors_are_clear(tiny_model_dir, prompts_file, tmp_path):
+    with pytest.raises(ConfigError, match="multiple of train.minibatch_size"):
+        tiny_cfg(tiny_model_dir, prompts_file, tmp_path, "rollout.batch_size=12", "train.minibatch_size=8")
+    with pytest.raises(ConfigError, match="kl.estimator"):
+        tiny_cfg(tiny_model_dir, prompts_file, tmp_path, "kl.estimator=k2")
+    with pytest.raises(ConfigError, match="prompts"):
+        load_config(PPOConfig, None, [])
+    with pytest.raises(ConfigError, match="reward_model"):
+        train_ppo(tiny_cfg(tiny_model_dir, prompts_file, tmp_path / "r"))
+
+
+# ---------------------------------------------------------------------------
+# Exact resume after SIGKILL
+# ---------------------------------------------------------------------------
+
+
+def _run_cli(cfg_path, env_extra, resume=False):
+    env = {**os.environ, "INSTRUCTRL_TEST_THREADS": "1", "OMP_NUM_THREADS": "1", **env_extra}
+    cmd = [sys.executable, "-m", "instructrl", "ppo", "--config", str(cfg_path)] + (["--resume"] if resume else [])
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_sigkill_then_resume_gives_bitwise_identical_weights(tiny_model_dir, prompts_file, tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+
+    from instructrl.reward import init_reward_model, save_reward_model
+    from instructrl.models import load_tokenizer
+
+    rm = save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), tmp_path / "rm")
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text("".join(json.dumps({"text": f"hello world {i}. the lazy dog."}) + "\n" for i in range(7)))
+
+    def write_cfg(out):
+        cfg = {"policy": str(tiny_model_dir), "reward_model": str(rm), "prompts": str(prompts_file),
+               "ptx_data": str(ptx), "out": str(out), "steps": 5, "seed": 1,
+               "rollout": {"batch_size": 8, "max_new_tokens": 8},
+               "kl": {"adaptive": True, "target": 1.0, "horizon": 100},
+               "train": {"minibatch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "value_lr": 1e-3,
+                         "warmup_steps": 3, "ptx_batch_size": 2, "precision": "bf16"},
+               "run": {"checkpoint_every": 2, "threads": 1, "deterministic": True}}
+        p = tmp_path / f"{Path(out).name}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        return p
+
+    full = write_cfg(tmp_path / "full")
+    r = _run_cli(full, {})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    crashed = write_cfg(tmp_path / "crashed")
+    r = _run_cli(crashed, {KILL_ENV: "3"})  # killed after step 3: its last checkpoint is step 2
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert not (tmp_path / "crashed" / "policy").exists()
+    assert len(metrics(tmp_path / "crashed")) == 3
+    r = _run_cli(crashed, {}, resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    for sub in ("policy", "value"):
+        a = load_file(tmp_path / "full" / sub / "model.safetensors")
+        b = load_file(tmp_path / "crashed" / sub / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (sub, k)
+    ma, mb = metrics(tmp_path / "full"), metrics(tmp_path / "crashed")
+    assert [m["step"] for m in mb] == [1, 2, 3, 4, 5]  # rows of the lost step 3 were replaced, not duplicated
+    drop = ("time_generate", "time_score", "time_train", "tokens_per_s")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in ma] == \
+           [{k: v for k, v in m.items() if k not in drop} for m in mb]
