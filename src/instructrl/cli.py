@@ -25,6 +25,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("data", "prepare"): ("instructrl.hygiene", "PrepareConfig", "prepare_command", "prompt hygiene on a JSONL file: PII, dedupe, 200/user, split by user (InstructGPT §3.2)"),
     ("label", "serve"): ("instructrl.labeling.app", "LabelConfig", "serve", "run the labeling web app (demonstrations, rankings, ratings, HH chats)"),
     ("label", "export"): ("instructrl.labeling.app", "LabelExportConfig", "export_command", "export a labeling project to JSONL (demonstrations, rankings, pairwise, ratings, agreement)"),
+    ("ppo",): ("instructrl.ppo", "PPOConfig", "train_ppo", "PPO / PPO-ptx against a reward model (InstructGPT §3.5 eq. 2)"),
     ("model", "convert"): ("instructrl.models", "ConvertConfig", "convert_command",
                            "convert the embedded default GGUF model (or any GGUF file) to a safetensors folder"),
 }
