@@ -117,6 +117,7 @@ def test_agreement_hand_worked(store):
     assert ag["n_pairs"] == 3 and ag["rate"] == pytest.approx(2 / 3)
     assert ag["per_labeler"][a]["rate"] == pytest.approx(2 / 3)
     assert 0 < ag["lo"] < 2 / 3 < ag["hi"] < 1
+    assert ag["groups"]["train"]["n_pairs"] == 3 and ag["groups"]["held_out"]["rate"] is None
 
 
 def test_exports_round_trip_and_respect_splits_and_held_out(store, tmp_path):

@@ -16,7 +16,7 @@ Each file exists once per split (``<split>/<file>``), so train/val/test never sh
 a prompt author (:mod:`instructrl.hygiene`). Labels from held-out labelers are
 left out unless ``labelers="held_out"`` or ``"all"``.
 
-Agreement (InstructGPT App. B.3): for every task that two or more labelers
+Agreement (as InstructGPT measures it between labelers): for every task that two or more labelers
 ranked, each pair of completions is one comparison; two labelers agree on it
 when they order it the same way. The rate is agreeing labeler pairs over all
 labeler pairs, overall and per labeler, with Wilson 95% intervals
@@ -97,10 +97,20 @@ def agreement(labeled: list[dict], level: float = 0.95) -> dict:
             t0 = rec["turns"][0]
             # first-turn replies differ per labeler (sampled live), so only identical pairs are comparable
             items.append(((rec["task"], "hh0", t0["a"], t0["b"]), rec["labeler"], t0["choice"]))
-    ag = pairwise_agreement(items, level)
-    d = ag.as_dict()
-    d["rate"] = None if ag.n_pairs == 0 else d["rate"]  # JSON has no NaN
+    def summary(its):
+        ag = pairwise_agreement(its, level)
+        d = ag.as_dict()
+        d["rate"] = None if ag.n_pairs == 0 else d["rate"]  # JSON has no NaN
+        return d
+
+    d = summary(items)
     d["level"] = level
+    # InstructGPT compares agreement among training labelers with agreement among held-out ones
+    held = {rec["labeler"] for rec in labeled if rec["held_out"]}
+    d["groups"] = {"train": summary([x for x in items if x[1] not in held]),
+                   "held_out": summary([x for x in items if x[1] in held])}
+    for g in d["groups"].values():
+        g.pop("per_labeler")
     return d
 
 

@@ -395,7 +395,7 @@ class Store:
         """Give every unassigned task to labelers: most to one, ``overlap_fraction`` of them to several.
 
         Labelers are picked least-loaded first (ties broken by a seeded shuffle),
-        so work is spread evenly. Held-out labelers (InstructGPT §3.4's labelers
+        so work is spread evenly. Held-out labelers (InstructGPT's labelers
         who produced no training data) are assigned like the others; their labels
         are kept out of training exports and used to check generalisation.
         """
