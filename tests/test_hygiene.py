@@ -7,7 +7,7 @@ import pytest
 from instructrl.config import ConfigError, load_config
 from instructrl.data import PromptRecord, load_prompts
 from instructrl.hygiene import (HygieneConfig, PrepareConfig, cap_per_user, clean_prompts, dedupe_by_prefix, luhn_ok,
-                                prepare_command, redact_pii, split_by_user)
+                                redact_pii, split_by_user)
 
 
 def rec(i, text, user=None):

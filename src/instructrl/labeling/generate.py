@@ -10,6 +10,7 @@ and empty samples are redrawn a few times.
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -97,8 +98,6 @@ def generate_for_project(store, pid: int, gen: Generator, k: int,
         bs = gen.cfg.batch_size
         for start in tqdm(range(0, total, bs), desc=f"generating {k} completions/prompt", unit="batch"):
             batch = todo[start:start + bs]
-            import json
-
             outs = gen.distinct([json.loads(p.messages) for p in batch], k)
             for p, texts in zip(batch, outs):
                 if texts is None:
