@@ -26,6 +26,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("label", "serve"): ("instructrl.labeling.app", "LabelConfig", "serve", "run the labeling web app (demonstrations, rankings, ratings, HH chats)"),
     ("label", "export"): ("instructrl.labeling.app", "LabelExportConfig", "export_command", "export a labeling project to JSONL (demonstrations, rankings, pairwise, ratings, agreement)"),
     ("ppo",): ("instructrl.ppo", "PPOConfig", "train_ppo", "PPO / PPO-ptx against a reward model (InstructGPT §3.5 eq. 2)"),
+    ("pipeline",): ("instructrl.pipeline", "PipelineConfig", "pipeline_command",
+                    "the whole pipeline on the default model with simulated labelers (see README)"),
     ("model", "convert"): ("instructrl.models", "ConvertConfig", "convert_command",
                            "convert the embedded default GGUF model (or any GGUF file) to a safetensors folder"),
 }
@@ -86,10 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="YAML config file; keys as listed below")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    presets = getattr(module, "PRESETS", None)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="a named set of overrides, applied first")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
     args = parser.parse_args(rest)
+    overrides = list(args.overrides)
+    if presets:
+        # --preset NAME (or preset=NAME) puts that preset's overrides under the user's own.
+        named = [o.split("=", 1)[1] for o in overrides if o.startswith("preset=")]
+        preset = args.preset or (named[-1] if named else "default")
+        if preset not in presets:
+            print(f"instructrl: error: unknown preset {preset!r}; choose from {sorted(presets)}", file=sys.stderr)
+            return 2
+        overrides = presets[preset] + [f"preset={preset}"] + [o for o in overrides if not o.startswith("preset=")]
     try:
-        cfg = load_config(cls, args.config, args.overrides)
+        cfg = load_config(cls, args.config, overrides)
         if args.resume:
             if not hasattr(cfg, "resume"):
                 raise ConfigError(f"'instructrl {' '.join(key)}' cannot resume")

@@ -319,16 +319,21 @@ def rm_score_checkpoint(checkpoint: str, val_demos: list[Demonstration], sel: SF
     This is how InstructGPT selects its SFT model (§3.5): validation loss keeps
     rising after epoch 1 while RM score and human preference keep improving.
     """
+    from instructrl.formatting import build_example, pad
+    from instructrl.generation import generate_texts
     from instructrl.models import load_causal_lm, load_tokenizer
     from instructrl.reward import load_reward_model, score
-    from instructrl.rollout import generate
 
     tok = load_tokenizer(checkpoint)
-    policy = load_causal_lm(checkpoint).eval()
+    policy = load_causal_lm(checkpoint)
     rm = load_reward_model(sel.reward_model).eval()
     prompts = [d.messages for d in val_demos[: sel.num_prompts]]
-    torch.manual_seed(seed)
+    responses = [r[0] for r in generate_texts(policy, tok, prompts, sel.max_new_tokens, seed=seed, desc="rm-score samples")]
+    # The RM reads the same token layout the policy emits (formatting's one rule).
+    seqs = [build_example(tok, m, r or " ", 10**6).input_ids for m, r in zip(prompts, responses)]
+    scores = []
     with torch.no_grad():
-        out = generate(policy, tok, prompts, max_new_tokens=sel.max_new_tokens)
-        scores = score(rm, out.input_ids, out.attention_mask)
-    return scores.float().mean().item()
+        for i in range(0, len(seqs), 8):
+            ids, mask = pad(seqs[i:i + 8], tok.pad_token_id, "right")
+            scores.append(score(rm, ids, mask).float())
+    return torch.cat(scores).mean().item()

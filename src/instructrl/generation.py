@@ -1,0 +1,55 @@
+"""Sampling text from a model for data collection and evaluation (not PPO's hot loop).
+
+``generate_texts`` turns chat prompts into decoded responses, in batches, with
+a progress bar, through :func:`instructrl.rollout.sample` (KV cache, left
+padding, stop at EOS) and the project's one tokenization rule
+(:mod:`instructrl.formatting`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from instructrl.data import Messages
+from instructrl.formatting import encode_prompt
+
+
+def decode_responses(tok, response: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Decode each row's real response tokens (EOS and padding dropped)."""
+    out = []
+    for ids, m in zip(response, response_mask):
+        out.append(tok.decode(ids[m.bool()].tolist(), skip_special_tokens=True).strip())
+    return out
+
+
+@torch.no_grad()
+def generate_texts(
+    model, tok, prompts: list[Messages], max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
+    batch_size: int = 16, n_per_prompt: int = 1, max_prompt_tokens: int = 256, precision: str = "bf16",
+    desc: str = "sampling",
+) -> list[list[str]]:
+    """``n_per_prompt`` sampled responses for each prompt: a list (per prompt) of lists of strings.
+
+    temperature 0 means greedy decoding. Prompts longer than ``max_prompt_tokens``
+    keep their last tokens (the truncation rule of :mod:`instructrl.formatting`).
+    """
+    from tqdm.auto import tqdm
+
+    from instructrl.rollout import sample
+
+    model.eval()
+    encoded = [encode_prompt(tok, m)[-max_prompt_tokens:] for m in prompts]
+    jobs = [(i, e) for i, e in enumerate(encoded) for _ in range(n_per_prompt)]
+    # Longest first: similar lengths share a batch, less padding.
+    jobs.sort(key=lambda j: -len(j[1]))
+    gen = torch.Generator().manual_seed(seed)
+    results: list[list[str]] = [[] for _ in prompts]
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    greedy = temperature == 0
+    for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = jobs[start:start + batch_size]
+        g = sample(model, [e for _, e in chunk], max_new_tokens, tok.eos_token_id, tok.pad_token_id, gen,
+                   temperature=1.0 if greedy else temperature, top_k=1 if greedy else 0, autocast_dtype=dtype)
+        for (i, _), text in zip(chunk, decode_responses(tok, g.response, g.response_mask)):
+            results[i].append(text)
+    return results

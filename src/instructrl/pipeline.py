@@ -1,0 +1,419 @@
+"""The whole InstructGPT pipeline on the embedded default, with simulated labelers.
+
+``instructrl pipeline`` runs, into one run folder:
+
+1. prompts   constraint-following tasks (tasks/), split by user: labelers' users
+             give the SFT / RM / PPO prompts, held-out users the evaluation prompts
+2. demos     the base model drafts answers; simulated labelers repair them into
+             demonstrations that satisfy every constraint (best of the drafts);
+             the unrepaired drafts are the plain-text corpus for PPO-ptx
+3. sft       supervised fine-tuning on the demonstrations (instructrl.sft)
+then, for each round r = 1..rounds (Bai et al. 2022's iterated "online" training):
+4. rank      the current policy samples K = k_min..k_max responses per RM prompt;
+             simulated labelers rank them (some prompts go to two labelers, to
+             measure agreement)
+5. rm        a reward model is trained from the SFT model on ALL rankings so far,
+             then bias-normalised on the demonstrations (instructrl.reward)
+6. ppo       each variant (PPO, PPO-ptx) continues from its policy of the previous
+             round (round 1: SFT) against this round's RM; reference = SFT
+7. eval      base / SFT / PPO / PPO-ptx / best-of-N on held-out users' prompts,
+             judged by held-out labelers and by the RM (instructrl.evaluate)
+
+The simulated labelers are a stand-in for a human team (docs/simulated-labelers.md):
+every number the report prints about "labelers" is about these simulations.
+
+Every stage writes its own sub-folder and is recorded in ``state.json`` when it
+finishes; ``--resume`` skips finished stages (and PPO resumes mid-run from its
+checkpoints), ``only=sft`` (or any stage name) re-runs one stage on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from instructrl.config import check, load_config, param
+from instructrl.io import RunDir, atomic_write_text, read_jsonl, write_jsonl
+
+STAGES = ("prompts", "demos", "sft", "rank", "rm", "ppo", "eval")
+
+# Presets: dotted overrides applied before the user's own. "default" is the dataclass defaults.
+PRESETS: dict[str, list[str]] = {
+    "default": [],
+    # ~5 minutes on 2 cores: enough to watch every stage run, too small for the acceptance statistics.
+    "quick": [
+        "data.n_sft_prompts=48", "data.n_rm_prompts=24", "data.n_ppo_prompts=32", "data.n_eval_prompts=24",
+        "data.k_max=4", "data.draft_tokens=48", "sft.epochs=2", "ppo.steps=6", "ppo.variants=[ppo_ptx]",
+        "eval.best_of_n=2", "eval.max_new_tokens=48",
+    ],
+    # for tests: tiny model, seconds
+    "tiny": [
+        "data.n_sft_prompts=12", "data.n_rm_prompts=8", "data.n_ppo_prompts=8", "data.n_eval_prompts=6",
+        "data.k_max=4", "data.draft_tokens=12", "data.max_new_tokens=12", "sft.epochs=2", "sft.batch_size=4",
+        "rm.batch_size=4", "ppo.steps=2", "ppo.batch_size=4", "ppo.minibatch_size=4", "eval.best_of_n=2",
+        "eval.max_new_tokens=12", "eval.bootstrap=50",
+    ],
+}
+
+
+@dataclass
+class PipelineData:
+    seed: int = param(0, "seed for tasks, users, labelers and sampling")
+    n_users: int = param(400, "simulated users the prompts come from (Zipf-distributed activity)")
+    heldout_user_fraction: float = param(0.2, "share of users whose prompts are used only for evaluation")
+    n_sft_prompts: int = param(192, "prompts with demonstrations (SFT data)")
+    n_rm_prompts: int = param(64, "prompts ranked per round (RM data)")
+    n_ppo_prompts: int = param(128, "prompts for PPO (no labels needed)")
+    n_eval_prompts: int = param(96, "held-out users' prompts for evaluation")
+    k_min: int = param(4, "fewest responses per ranking (paper: 4)")
+    k_max: int = param(6, "most responses per ranking (paper: 9; 6 keeps the default run short)")
+    overlap_fraction: float = param(0.25, "share of rankings also given to a second labeler, for agreement")
+    draft_tokens: int = param(64, "base-model draft length for demonstrations (and the ptx corpus)")
+    max_new_tokens: int = param(64, "response length limit when sampling for rankings")
+
+    def validate(self):
+        check(2 <= self.k_min <= self.k_max, "data.k_min must be >= 2 and <= data.k_max")
+        check(0 < self.heldout_user_fraction < 1, "data.heldout_user_fraction must be in (0, 1)")
+        check(min(self.n_sft_prompts, self.n_rm_prompts, self.n_ppo_prompts, self.n_eval_prompts) >= 2,
+              "data.n_*_prompts must each be >= 2")
+
+
+@dataclass
+class PipelineSFT:
+    epochs: int = param(3, "SFT epochs (paper: 16 on far more data; 3 suffices for the constraint tasks)")
+    lr: float = param(5e-5, "SFT peak learning rate")
+    batch_size: int = param(8, "sequences per optimizer step")
+    extra: list[str] = param(factory=list, help="more `instructrl sft` overrides, e.g. [train.residual_dropout=0.1]")
+
+
+@dataclass
+class PipelineRM:
+    lr: float = param(3e-5, "RM learning rate")
+    batch_size: int = param(8, "rankings per optimizer step")
+    epochs: int = param(1, "passes over the rankings (paper: 1)")
+    trainable_layers: int = param(-1, "train only the top N blocks (+ head); -1 = all")
+    extra: list[str] = param(factory=list, help="more `instructrl rm` overrides")
+
+
+@dataclass
+class PipelinePPO:
+    variants: list[str] = param(factory=lambda: ["ppo", "ppo_ptx"],
+                                help="which policies to train: ppo (γ = 0) and/or ppo_ptx (γ = ptx_coef)")
+    steps: int = param(24, "PPO steps per round")
+    batch_size: int = param(16, "prompts per PPO step")
+    minibatch_size: int = param(8, "episodes per optimizer step")
+    lr: float = param(1e-5, "policy learning rate")
+    kl_coef: float = param(0.02, "β (InstructGPT: 0.02)")
+    ptx_coef: float = param(1.0, "γ for the ppo_ptx variant (see docs/ppo.md for the scale)")
+    extra: list[str] = param(factory=list, help="more `instructrl ppo` overrides")
+
+    def validate(self):
+        check(bool(self.variants) and set(self.variants) <= {"ppo", "ppo_ptx"},
+              "ppo.variants must be a non-empty subset of [ppo, ppo_ptx]")
+
+
+@dataclass
+class PipelineEval:
+    best_of_n: int = param(4, "N for best-of-N sampling from SFT against the RM; 0 = skip")
+    max_new_tokens: int = param(64, "response length limit")
+    bootstrap: int = param(500, "bootstrap resamples for Elo confidence intervals")
+    extra: list[str] = param(factory=list, help="more `instructrl eval` overrides")
+
+
+@dataclass
+class PipelineConfig:
+    model: str = param("default", "the pretrained model: 'default' (embedded SmolLM2-135M-Instruct) or a folder")
+    output_dir: str = param("runs/pipeline", "run folder for every stage")
+    preset: str = param("default", "default (~20 min on 2 cores), quick (~5 min), tiny (tests); applied first")
+    rounds: int = param(1, "iterated online rounds: rank -> RM -> PPO repeated on the current policy")
+    only: str = param("", "re-run just this stage (and, for rank/rm/ppo, of round `round`)")
+    round: int = param(0, "with only=rank|rm|ppo: which round; 0 = the last")
+    resume: bool = param(False, "skip stages already finished in output_dir (PPO resumes from its checkpoints)")
+    precision: str = param("bf16", "bf16 autocast (2x faster on CPU) or fp32, for every stage")
+    data: PipelineData = param(PipelineData(), "prompts, users, rankings")
+    sft: PipelineSFT = param(PipelineSFT(), "stage 3")
+    rm: PipelineRM = param(PipelineRM(), "stage 5")
+    ppo: PipelinePPO = param(PipelinePPO(), "stage 6")
+    eval: PipelineEval = param(PipelineEval(), "stage 7")
+
+    def validate(self):
+        check(self.preset in PRESETS, f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
+        check(self.rounds >= 1, "rounds must be >= 1")
+        check(self.only in ("",) + STAGES, f"only must be one of {list(STAGES)}, got {self.only!r}")
+        check(self.precision in ("bf16", "fp32"), "precision must be bf16 or fp32")
+
+
+def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConfig:
+    """Apply the preset named in the overrides (or file), then the user's overrides on top (as the CLI does)."""
+    cfg = load_config(PipelineConfig, path, overrides)
+    return load_config(PipelineConfig, path, PRESETS[cfg.preset] + list(overrides))
+
+
+# ---------------------------------------------------------------------------
+# Run-folder state: which stages are done
+# ---------------------------------------------------------------------------
+
+
+class State:
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def finished(self, key: str) -> bool:
+        return key in self.done
+
+    def mark(self, key: str, **info) -> None:
+        self.done[key] = info
+        atomic_write_text(self.path, json.dumps(self.done, indent=2))
+
+
+def _texts_jsonl(path: Path, texts: list[str]) -> None:
+    write_jsonl(path, ({"text": t} for t in texts if t.strip()))
+
+
+# ---------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run (or resume) every stage; returns the evaluation results."""
+    import torch
+
+    from instructrl.data import demonstration_row, ranking_row
+    from instructrl.generation import generate_texts
+    from instructrl.models import load_causal_lm, load_tokenizer, resolve_model
+    from instructrl.tasks import generate_tasks, load_tasks, save_tasks, split_by_user
+    from instructrl.tasks.labelers import LabelerPool
+
+    out = Path(cfg.output_dir)
+    if out.exists() and (out / "state.json").exists() and not (cfg.resume or cfg.only):
+        raise SystemExit(f"instructrl: {out} already holds a pipeline run; add --resume to continue it, "
+                         f"only=STAGE to re-run one stage, or choose another output_dir=")
+    run = RunDir(out)
+    run.save_config(cfg)
+    state = State(out / "state.json")
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    base = resolve_model(cfg.model)
+    pool = LabelerPool.default(seed=cfg.data.seed)
+    d = cfg.data
+    prec = cfg.precision
+
+    def want(key: str, stage: str, rnd: int | None = None) -> bool:
+        if cfg.only:
+            last = cfg.round or cfg.rounds
+            return stage == cfg.only and (rnd is None or rnd == last)
+        return not state.finished(key)
+
+    def timed(key: str):
+        class T:
+            def __enter__(s):
+                s.t = time.perf_counter()
+                print(f"\n=== [{key}] ===")
+
+            def __exit__(s, et, ev, tb):
+                if et is None:
+                    timings[key] = round(time.perf_counter() - s.t, 1)
+                    atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
+                    print(f"=== [{key}] done in {timings[key]:.0f} s ===")
+        return T()
+
+    # 1. prompts -------------------------------------------------------------
+    if want("prompts", "prompts"):
+        with timed("prompts"):
+            total = d.n_sft_prompts + d.n_rm_prompts * cfg.rounds + d.n_ppo_prompts
+            # Enough tasks that the held-out users alone supply the evaluation prompts.
+            n = int((total + d.n_eval_prompts) / (1 - d.heldout_user_fraction) * 1.3) + 50
+            tasks = generate_tasks(n, seed=d.seed, n_users=d.n_users)
+            train, heldout = split_by_user(tasks, heldout_frac=d.heldout_user_fraction, seed=d.seed)
+            if len(train) < total or len(heldout) < d.n_eval_prompts:
+                raise RuntimeError(f"user split gave {len(train)} train / {len(heldout)} held-out prompts; "
+                                   f"need {total} / {d.n_eval_prompts}: raise data.n_users")
+            rng = random.Random(d.seed)
+            rng.shuffle(train)
+            a, b = d.n_sft_prompts, d.n_sft_prompts + d.n_rm_prompts * cfg.rounds
+            save_tasks(data_dir / "sft_tasks.jsonl", train[:a])
+            save_tasks(data_dir / "rm_tasks.jsonl", train[a:b])
+            save_tasks(data_dir / "ppo_tasks.jsonl", train[b:b + d.n_ppo_prompts])
+            save_tasks(data_dir / "eval_tasks.jsonl", heldout[: d.n_eval_prompts])
+            users = {"train": len({t.user_id for t in train}), "heldout": len({t.user_id for t in heldout})}
+            state.mark("prompts", users=users)
+            run.info(f"prompts: users {users}")
+    sft_tasks = load_tasks(data_dir / "sft_tasks.jsonl")
+    rm_tasks = load_tasks(data_dir / "rm_tasks.jsonl")
+    ppo_tasks = load_tasks(data_dir / "ppo_tasks.jsonl")
+
+    # 2. demonstrations (and the plain-text corpus for PPO-ptx) -----------------
+    if want("demos", "demos"):
+        with timed("demos"):
+            tok, lm = load_tokenizer(base), load_causal_lm(base)
+            # Two base-model drafts per prompt: the labeler keeps the better after repair.
+            drafts = generate_texts(lm, tok, [t.to_prompt_record().messages for t in sft_tasks], d.draft_tokens,
+                                    seed=d.seed, n_per_prompt=2, precision=prec, desc="base drafts")
+            rng = random.Random(d.seed + 1)
+            demos = [pool.write_demonstration(t, ds, rng) for t, ds in zip(sft_tasks, drafts)]
+            write_jsonl(data_dir / "demonstrations.jsonl", (demonstration_row(x) for x in demos))
+            # No pretraining corpus ships here: the base model's own unrepaired drafts stand in for
+            # "pretraining distribution" text (PPO-ptx keeps their likelihood; the alignment tax is measured
+            # on a held-out part). Documented in docs/pipeline.md.
+            flat = [x for ds in drafts for x in ds]
+            cut = max(1, len(flat) // 5)
+            _texts_jsonl(data_dir / "pretrain_heldout.jsonl", flat[:cut])
+            _texts_jsonl(data_dir / "pretrain.jsonl", flat[cut:])
+            del lm
+            state.mark("demos", n=len(demos))
+
+    # 3. SFT -------------------------------------------------------------------
+    from instructrl.sft import SFTConfig, train_sft
+
+    sft_dir = out / "sft" / "model"
+    if want("sft", "sft"):
+        with timed("sft"):
+            sft_cfg = load_config(SFTConfig, None, [
+                f"model={base}", f"output_dir={out / 'sft'}", f"data.train={data_dir / 'demonstrations.jsonl'}",
+                f"train.epochs={cfg.sft.epochs}", f"train.lr={cfg.sft.lr}", f"train.batch_size={cfg.sft.batch_size}",
+                f"train.micro_batch_size={cfg.sft.batch_size}", f"train.precision={prec}", f"train.seed={d.seed}",
+                *cfg.sft.extra,
+            ])
+            train_sft(sft_cfg)
+            state.mark("sft", model=str(sft_dir))
+
+    # 4-6. rounds: rank -> RM -> PPO ------------------------------------------
+    from instructrl.ppo import PPOConfig, train_ppo
+    from instructrl.reward import RMConfig, train_rm
+
+    policies = {v: sft_dir for v in cfg.ppo.variants}
+    rounds_summary = []
+    for r in range(1, cfg.rounds + 1):
+        rdir = out / f"round-{r}"
+        # The policy that is sampled for new comparisons: the main variant's current policy.
+        current = policies[cfg.ppo.variants[-1]]
+        tasks_r = rm_tasks[(r - 1) * d.n_rm_prompts: r * d.n_rm_prompts]
+        if want(f"rank-{r}", "rank", r):
+            with timed(f"rank-{r}"):
+                tok, lm = load_tokenizer(current), load_causal_lm(current)
+                rng = random.Random(d.seed * 1000 + r)
+                ks = [rng.randint(d.k_min, d.k_max) for _ in tasks_r]
+                samples = generate_texts(lm, tok, [t.to_prompt_record().messages for t in tasks_r], d.max_new_tokens,
+                                         seed=d.seed + r, n_per_prompt=d.k_max, precision=prec,
+                                         desc=f"round {r}: K samples")
+                rankings, sets = [], []
+                for t, k, s in zip(tasks_r, ks, samples):
+                    try:
+                        rankings.append(pool.rank(t, s[:k], rng))
+                        sets.append(s[:k])
+                    except ValueError as e:  # fewer than 2 distinct non-empty responses: counted, not hidden
+                        run.info(f"round {r}: prompt {t.id} gave no ranking: {e}")
+                n_overlap = max(2, round(d.overlap_fraction * len(rankings)))
+                agreement = pool.measure_agreement(tasks_r[:n_overlap], sets[:n_overlap], rng)
+                write_jsonl(rdir / "rankings.jsonl", (ranking_row(x) for x in rankings))
+                del lm
+                state.mark(f"rank-{r}", n=len(rankings), skipped=len(tasks_r) - len(rankings),
+                           agreement={"rate": agreement.rate, "lo": agreement.lo, "hi": agreement.hi,
+                                      "n_pairs": agreement.n_pairs})
+        all_rankings = data_dir / "rankings_all.jsonl"
+        rows = [row for q in range(1, r + 1) for _, row in read_jsonl(out / f"round-{q}" / "rankings.jsonl")]
+        write_jsonl(all_rankings, rows)
+
+        rm_dir = rdir / "rm" / "model"
+        if want(f"rm-{r}", "rm", r):
+            with timed(f"rm-{r}"):
+                rm_cfg = load_config(RMConfig, None, [
+                    f"model={sft_dir}", f"output_dir={rdir / 'rm'}", f"data.train={all_rankings}",
+                    f"data.demonstrations={data_dir / 'demonstrations.jsonl'}", f"train.lr={cfg.rm.lr}",
+                    f"train.batch_size={cfg.rm.batch_size}", f"train.epochs={cfg.rm.epochs}",
+                    f"train.trainable_layers={cfg.rm.trainable_layers}", f"train.precision={prec}",
+                    f"train.seed={d.seed + r}", *cfg.rm.extra,
+                ])
+                train_rm(rm_cfg)
+                state.mark(f"rm-{r}", model=str(rm_dir))
+
+        for v in cfg.ppo.variants:
+            key = f"{v}-{r}"
+            pdir = rdir / v
+            if want(key, "ppo", r):
+                with timed(key):
+                    ppo_cfg = load_config(PPOConfig, None, [
+                        f"policy={policies[v]}", f"reference={sft_dir}", f"reward_model={rm_dir}",
+                        f"prompts={data_dir / 'ppo_tasks.jsonl'}", f"out={pdir}", f"steps={cfg.ppo.steps}",
+                        f"seed={d.seed + r}", f"rollout.batch_size={cfg.ppo.batch_size}",
+                        f"rollout.max_new_tokens={d.max_new_tokens}", f"train.minibatch_size={cfg.ppo.minibatch_size}",
+                        f"train.lr={cfg.ppo.lr}", f"kl.coef={cfg.ppo.kl_coef}", f"train.precision={prec}",
+                        *([f"ptx_data={data_dir / 'pretrain.jsonl'}", f"train.ptx_coef={cfg.ppo.ptx_coef}"]
+                          if v == "ppo_ptx" else []),
+                        *(["resume=true"] if (pdir / "checkpoints").exists() else []),
+                        *cfg.ppo.extra,
+                    ])
+                    final = train_ppo(ppo_cfg)
+                    state.mark(key, model=str(_policy_dir(final)))
+            policies[v] = Path(state.done[key]["model"]) if key in state.done else _policy_dir(pdir)
+        rounds_summary.append(_round_summary(out, r, cfg))
+        torch.manual_seed(0)
+
+    # 7. evaluation --------------------------------------------------------------
+    from instructrl.evaluate import EvalConfig, run_eval
+
+    results = {}
+    if want("eval", "eval"):
+        with timed("eval"):
+            last = out / f"round-{cfg.rounds}"
+            pol = {"base": base, "sft": str(sft_dir), **{v: str(p) for v, p in policies.items()}}
+            ev_over = [f"policies={json.dumps(pol)}", "baseline=sft", f"reference={sft_dir}",
+                       f"tasks={data_dir / 'eval_tasks.jsonl'}", f"reward_model={last / 'rm' / 'model'}",
+                       f"best_of_n={cfg.eval.best_of_n}", f"max_new_tokens={cfg.eval.max_new_tokens}",
+                       f"bootstrap={cfg.eval.bootstrap}", f"output_dir={out / 'eval'}", f"precision={prec}",
+                       f"labeler_seed={d.seed}",
+                       f"ppo_runs={json.dumps({v: str(last / v) for v in cfg.ppo.variants})}",
+                       f"pretrain_eval={data_dir / 'pretrain_heldout.jsonl'}", *cfg.eval.extra]
+            ev_cfg = load_config(EvalConfig, None, ev_over)
+            results = run_eval(ev_cfg, extra_sections=_report_sections(out, cfg, state, timings, rounds_summary))
+            state.mark("eval", report=str(out / "eval" / "report.html"))
+    print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print(f"total: {sum(timings.values()) / 60:.1f} min; report: {out / 'eval' / 'report.html'}")
+    return results
+
+
+def _policy_dir(ppo_out: Path) -> Path:
+    """The trained policy folder inside a PPO run folder."""
+    ppo_out = Path(ppo_out)
+    return ppo_out / "policy" if (ppo_out / "policy").exists() else ppo_out
+
+
+def _round_summary(out: Path, r: int, cfg: PipelineConfig) -> dict:
+    """Per-round figures from the stage folders: agreement, RM accuracy, PPO score and KL."""
+    state = json.loads((out / "state.json").read_text())
+    s: dict = {"round": r, "rankings": state.get(f"rank-{r}", {}).get("n"),
+               "agreement": state.get(f"rank-{r}", {}).get("agreement")}
+    ev = out / f"round-{r}" / "rm" / "eval.json"
+    if ev.exists():
+        m = json.loads(ev.read_text())
+        s["rm_accuracy"] = m.get("overall", m).get("accuracy") if isinstance(m, dict) else None
+    for v in cfg.ppo.variants:
+        mp = out / f"round-{r}" / v / "metrics.jsonl"
+        if mp.exists():
+            rows = [json.loads(x) for x in mp.read_text().splitlines() if x.strip()]
+            rows = [x for x in rows if "score" in x or "rm_score" in x]
+            if rows:
+                first, last = rows[0], rows[-1]
+                key = "score" if "score" in last else "rm_score"
+                s[v] = {"first_score": first.get(key), "last_score": last.get(key), "last_kl": last.get("kl")}
+    return s
+
+
+def _report_sections(out: Path, cfg: PipelineConfig, state: State, timings: dict, rounds: list[dict]) -> list:
+    """Extra report sections: how the run was made, stage timings, each round."""
+    return [
+        ("Run", {"command": f"instructrl pipeline --preset {cfg.preset}" + (f" rounds={cfg.rounds}" if cfg.rounds > 1 else ""),
+                 "seed": cfg.data.seed, "model": cfg.model, "output_dir": str(out)}),
+        ("Stage timings (s)", dict(timings)),
+        ("Rounds", rounds),
+    ]
+
+
+def pipeline_command(cfg: PipelineConfig) -> None:
+    run_pipeline(cfg)
