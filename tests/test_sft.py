@@ -95,3 +95,26 @@ def test_two_process_data_parallel_equals_single_process(tiny_model_dir, tmp_pat
     assert moved > 1e-3  # training really changed the weights
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+
+
+def test_selection_by_reward_model_score(tiny_model_dir, tmp_path):
+    """select.metric=rm_score samples from each epoch's checkpoint and keeps the RM's favourite (§3.5)."""
+    from instructrl.models import load_tokenizer
+    from instructrl.reward import init_reward_model, save_reward_model
+
+    rm_dir = save_reward_model(init_reward_model(tiny_model_dir), load_tokenizer(tiny_model_dir), tmp_path / "rm")
+    cfg = _cfg(tiny_model_dir, tmp_path / "run", "train.epochs=2", "select.metric=rm_score",
+               f"select.reward_model={rm_dir}", "select.num_prompts=3", "select.max_new_tokens=6")
+    train_sft(cfg)
+    sel = json.loads((tmp_path / "run" / "selection.json").read_text())
+    scores = [h["rm_score"] for h in sel["history"]]
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    assert sel["best"]["rm_score"] == max(scores)
+    assert sel["best"]["epoch"] == 1 + scores.index(max(scores))
+
+
+def test_rm_score_selection_requires_a_reward_model(tiny_model_dir, tmp_path):
+    from instructrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="select.reward_model"):
+        _cfg(tiny_model_dir, tmp_path / "run", "select.metric=rm_score")
