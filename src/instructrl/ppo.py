@@ -124,7 +124,9 @@ class PPORun:
 
 @dataclass
 class PPOConfig:
-    policy: str = param("", "initial policy = frozen reference: the SFT model folder; empty = embedded default")
+    policy: str = param("", "initial policy: the SFT model folder; empty = embedded default")
+    reference: str = param("", "frozen KL reference π_SFT; empty = the initial policy. Iterated rounds continue "
+                               "from the last PPO policy but keep the SFT model here (Bai et al. 2022 §4)")
     reward_model: str = param("", "reward model folder (from `instructrl reward`)")
     value_model: str = param("", "value model initialisation; empty = the reward model (InstructGPT §3.5)")
     prompts: str = param("", "prompts JSONL ({id, prompt})")
@@ -332,7 +334,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     tok = load_tokenizer(policy_path)
     eos_id, pad_id = tok.eos_token_id, tok.pad_token_id
     policy = load_causal_lm(str(ckpt / "policy") if ckpt else policy_path)
-    ref = load_causal_lm(policy_path).eval().requires_grad_(False)
+    ref = load_causal_lm(resolve_model(cfg.reference) if cfg.reference else policy_path).eval().requires_grad_(False)
     rm = None if reward_fn is not None else load_reward_model(cfg.reward_model).eval().requires_grad_(False)
     if ckpt:
         value_model = load_reward_model(ckpt / "value")
