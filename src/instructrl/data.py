@@ -98,18 +98,33 @@ class Rating:
 Source = str | Path | Iterable[dict]
 
 
-def iter_rows(src: Source) -> Iterator[tuple[str, int, dict]]:
-    """Yield (source name, 1-based line or row number, row) from a file or dataset."""
+def iter_rows(src: Source, on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[str, int, dict]]:
+    """Yield (source name, 1-based line or row number, row) from a file or dataset.
+
+    A row that is not a mapping raises, or goes to ``on_error`` and is skipped.
+    """
     if isinstance(src, (str, Path)):
-        for i, row in read_jsonl(src):
+        for i, row in read_jsonl(src, on_error):
             yield str(src), i, row
         return
     name = getattr(src, "info", None)
     name = f"dataset {getattr(name, 'dataset_name', None) or type(src).__name__}"
     for i, row in enumerate(src, start=1):
         if not isinstance(row, dict):
-            raise DataError(name, i, None, f"expected a mapping row, got {type(row).__name__}")
+            err = DataError(name, i, None, f"expected a mapping row, got {type(row).__name__}")
+            if on_error is None:
+                raise err
+            on_error(err)
+            continue
         yield name, i, row
+
+
+def _rows(src: Source, on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[str, int, dict]]:
+    """``iter_rows`` with ``None`` values dropped: a ``datasets.Dataset`` holding rows of
+    different layouts fills every absent column with ``None``, and a JSON ``null``
+    means the same as leaving the key out."""
+    for s, i, row in iter_rows(src, on_error):
+        yield s, i, {k: v for k, v in row.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------
@@ -173,7 +188,7 @@ def _row_id(row: dict, src: str, line: int) -> str:
 def load_prompts(src: Source) -> list[PromptRecord]:
     """Rows ``{"id", "prompt" (text or messages), "user_id"?}``."""
     out, seen = [], {}
-    for s, i, row in iter_rows(src):
+    for s, i, row in _rows(src):
         if "prompt" not in row:
             raise DataError(s, i, "prompt", "missing")
         rec = PromptRecord(_row_id(row, s, i), parse_messages(row["prompt"], s, i, "prompt"), _opt_id(row, "user_id", s, i))
@@ -187,7 +202,7 @@ def load_prompts(src: Source) -> list[PromptRecord]:
 def load_demonstrations(src: Source) -> list[Demonstration]:
     """Rows ``{"prompt", "response", "id"?, "user_id"?, "labeler_id"?}``."""
     out = []
-    for s, i, row in iter_rows(src):
+    for s, i, row in _rows(src):
         if "prompt" not in row:
             raise DataError(s, i, "prompt", "missing")
         out.append(
@@ -202,7 +217,7 @@ def load_demonstrations(src: Source) -> list[Demonstration]:
 def load_ratings(src: Source) -> list[Rating]:
     """Rows ``{"prompt", "response", "rating" 1..7, "flags"? {name: bool}, "labeler_id"?}``."""
     out = []
-    for s, i, row in iter_rows(src):
+    for s, i, row in _rows(src):
         if "prompt" not in row:
             raise DataError(s, i, "prompt", "missing")
         r = row.get("rating")
@@ -240,7 +255,7 @@ def load_rankings(src: Source, errors: str = "raise", skipped: list[DataError] |
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
     out, bad = [], []
-    for s, i, row in iter_rows(src):
+    for s, i, row in _rows(src, bad.append if errors == "skip" else None):
         try:
             if "responses" in row:
                 out.append(_parse_ranking(row, s, i))
@@ -282,7 +297,8 @@ def _parse_ranking(row: dict, s: str, i: int) -> Ranking:
         first[r] = j
     k = len(resp)
     order = row.get("ranking", list(range(k)))
-    if not isinstance(order, list) or sorted(order) != list(range(k)) or any(isinstance(o, bool) for o in order):
+    if (not isinstance(order, list) or not all(_is_index(o) for o in order)
+            or sorted(order) != list(range(k))):
         raise DataError(s, i, "ranking", f"must be a permutation of 0..{k - 1} (best first), got {order!r}")
     ranks = [0] * k
     for pos, j in enumerate(order):
@@ -290,12 +306,23 @@ def _parse_ranking(row: dict, s: str, i: int) -> Ranking:
     ties = row.get("ties") or []
     if not isinstance(ties, list):
         raise DataError(s, i, "ties", "must be a list of groups of response indices")
+    tied_in: dict[int, int] = {}
     for g, group in enumerate(ties):
-        if not isinstance(group, list) or len(group) < 2 or any(not isinstance(x, int) or not 0 <= x < k for x in group):
-            raise DataError(s, i, f"ties[{g}]", f"must list two or more response indices in 0..{k - 1}")
-        best = min(ranks[x] for x in group)
+        f = f"ties[{g}]"
+        if (not isinstance(group, list) or len(group) < 2 or len(set(group)) != len(group)
+                or not all(_is_index(x) and x < k for x in group)):
+            raise DataError(s, i, f, f"must list two or more distinct response indices in 0..{k - 1}, got {group!r}")
         for x in group:
-            ranks[x] = best
+            if x in tied_in:
+                raise DataError(s, i, f, f"response {x} is already in ties[{tied_in[x]}]; merge the two groups")
+            tied_in[x] = g
+        # A tie group must be a run of neighbours in the ranking: tying 1st and 3rd
+        # while 2nd sits between them contradicts the ranking itself.
+        positions = sorted(ranks[x] for x in group)
+        if positions[-1] - positions[0] != len(group) - 1:
+            raise DataError(s, i, f, f"tied responses must be neighbours in the ranking, got positions {positions}")
+        for x in group:
+            ranks[x] = positions[0]
     if len(set(ranks)) == 1:
         raise DataError(s, i, "ties", "all responses are tied: the ranking gives no comparison")
     perm = sorted(range(k), key=lambda j: ranks[j])
@@ -303,6 +330,10 @@ def _parse_ranking(row: dict, s: str, i: int) -> Ranking:
         _row_id(row, s, i), messages, [resp[j] for j in perm], [ranks[j] for j in perm],
         _opt_id(row, "labeler_id", s, i), _opt_id(row, "user_id", s, i),
     )
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -340,8 +371,9 @@ def _parse_pairwise(row: dict, s: str, i: int) -> Ranking:
         if m2 != messages:
             raise DataError(s, i, "rejected", "the two transcripts differ before the last Assistant turn")
     elif isinstance(c, list) and isinstance(r, list):
-        if not c or not r or c[-1].get("role") != "assistant" or r[-1].get("role") != "assistant":
-            raise DataError(s, i, "chosen", "chat pairs must end with an assistant message")
+        for key, conv in (("chosen", c), ("rejected", r)):
+            if not conv or not isinstance(conv[-1], dict) or conv[-1].get("role") != "assistant":
+                raise DataError(s, i, key, "a chat pair must be a message list ending with an assistant message")
         messages = parse_messages(c[:-1], s, i, "chosen")
         if parse_messages(r[:-1], s, i, "rejected") != messages:
             raise DataError(s, i, "rejected", "chosen and rejected conversations differ before the last turn")
@@ -383,10 +415,17 @@ def demonstration_row(d: Demonstration) -> dict:
 
 
 def ranking_row(r: Ranking) -> dict:
-    """Responses best-first; tied neighbours are written as ``ties`` groups."""
-    row: dict[str, Any] = {"id": r.id, "prompt": r.messages, "responses": list(r.responses)}
+    """Responses best-first; tied neighbours are written as ``ties`` groups.
+
+    The responses are sorted by rank first, so a ``Ranking`` built in any order
+    is written correctly (the file layout has no ``ranking`` key: file order is
+    the ranking).
+    """
+    perm = sorted(range(r.k), key=lambda j: r.ranks[j])
+    ranks = [r.ranks[j] for j in perm]
+    row: dict[str, Any] = {"id": r.id, "prompt": r.messages, "responses": [r.responses[j] for j in perm]}
     groups: dict[int, list[int]] = {}
-    for j, rank in enumerate(r.ranks):
+    for j, rank in enumerate(ranks):
         groups.setdefault(rank, []).append(j)
     ties = [g for g in groups.values() if len(g) > 1]
     if ties:
@@ -404,7 +443,7 @@ def rating_row(r: Rating) -> dict:
 
 def load_text_corpus(src: Source, field_name: str = "text") -> list[str]:
     """Plain-text rows ``{"text": ...}`` (pretraining data for PPO-ptx)."""
-    return [_text(row, field_name, s, i) for s, i, row in iter_rows(src)]
+    return [_text(row, field_name, s, i) for s, i, row in _rows(src)]
 
 
 LOADERS: dict[str, Callable[[Source], list]] = {

@@ -14,7 +14,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class DataError(ValueError):
@@ -53,10 +53,12 @@ def write_jsonl(path: str | Path, rows: Any) -> int:
     return n
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | Path, on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, object) for each non-blank line; 1-based line numbers.
 
-    A line that is not a JSON object raises DataError naming file and line.
+    A line that is not a JSON object raises DataError naming file and line, or,
+    when ``on_error`` is given, is passed to it and skipped (the loaders'
+    ``errors="skip"`` mode: a generator cannot go on after raising).
     Files ending in .gz are decompressed.
     """
     path = Path(path)
@@ -75,10 +77,15 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(str(path), i, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(str(path), i, None, f"expected a JSON object, got {type(obj).__name__}")
-            yield i, obj
+                err = DataError(str(path), i, None, f"not valid JSON ({e.msg} at column {e.colno})")
+            else:
+                if isinstance(obj, dict):
+                    yield i, obj
+                    continue
+                err = DataError(str(path), i, None, f"expected a JSON object, got {type(obj).__name__}")
+            if on_error is None:
+                raise err
+            on_error(err)
 
 
 @contextmanager
