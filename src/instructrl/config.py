@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides."""
     raw: dict[str, Any] = {}
-    where = "defaults"
+    where = "config"  # no file: errors name the dotted key alone
     if path is not None:
         where = str(path)
         try:
@@ -42,20 +42,36 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    from_cli: dict[str, str] = {}  # dotted key -> the override that set it, for error messages
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, _, value = item.partition("=")
         node = raw
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key name")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an empty YAML section
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
-    cfg = _build(cls, raw, prefix="", where=where)
+        node[parts[-1]] = _parse_value(value)
+        from_cli[".".join(parts)] = item
+    cfg = _build(cls, raw, prefix="", where=where, from_cli=from_cli)
     _post(cfg, where)
     return cfg
+
+
+def _parse_value(value: str) -> Any:
+    """An override's value as YAML (``3``, ``1e-5``, ``true``, ``[a, b]``); text that is not valid YAML stays text."""
+    if value == "":
+        return ""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -69,30 +85,46 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, where: str, from_cli: dict[str, str] | None = None) -> Any:
+    if raw is None and prefix:  # an empty YAML section (all its keys commented out) means "all defaults"
+        raw = {}
+    from_cli = from_cli or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {prefix or 'config'} must be a mapping, got {raw!r}")
+        section = prefix.rstrip(".")
+        raise ConfigError(f"{_origin(section, from_cli, where) if section else where}: "
+                          f"{section or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         key = f"{prefix}{unknown[0]}"
-        raise ConfigError(f"{where}: unknown config key {key!r}; known keys here: {', '.join(sorted(fields))}")
+        origin = _origin(key, from_cli, where)
+        raise ConfigError(f"{origin}: unknown config key {key!r}; known keys here: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
             continue
-        kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", where)
+        key = f"{prefix}{name}"
+        kwargs[name] = _coerce(hints[name], raw[name], key, where, from_cli)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where}: {prefix or 'config'}: {e}") from None
 
 
-def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
+def _origin(key: str, from_cli: dict[str, str], where: str) -> str:
+    """Where a key's value came from: the command-line override that set it, else the file."""
+    for k, item in from_cli.items():
+        if k == key or k.startswith(key + "."):
+            return f"override {item!r}"
+    return where
+
+
+def _coerce(tp: Any, value: Any, key: str, where: str, from_cli: dict[str, str] | None = None) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=key + ".", where=where)
+        return _build(tp, value, prefix=key + ".", where=where, from_cli=from_cli)
+    where = _origin(key, from_cli or {}, where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
