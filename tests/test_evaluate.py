@@ -1,0 +1,290 @@
+"""Evaluation: metric functions with hand-worked values, the full `run_eval` on tiny models, the report, IFEval."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructrl.config import ConfigError, load_config
+from instructrl.evaluate import (
+    EvalConfig, IFEvalConfig, ReportSection, best_of_n_kl, best_of_n_pick, labeler_outcome, loglik_bootstrap, mean_ci,
+    outcomes_win_rate, reward_vs_sqrt_kl, run_eval, run_ifeval, score_outcomes, sequence_kl, text_logliks,
+    write_report,
+)
+
+IFEVAL_SAMPLE = Path(__file__).parent / "data" / "ifeval_sample.jsonl"
+
+
+# ---------------------------------------------------------------------------
+# Metric functions
+# ---------------------------------------------------------------------------
+
+
+def test_mean_ci_hand_worked():
+    # mean 2, sample std 1, half width 1.959964 / sqrt(3)
+    d = mean_ci([1.0, 2.0, 3.0])
+    half = 1.959963984540054 / math.sqrt(3)
+    assert d["mean"] == 2.0 and d["n"] == 3
+    assert d["lo"] == pytest.approx(2 - half) and d["hi"] == pytest.approx(2 + half)
+    assert mean_ci([5.0]) == {"mean": 5.0, "lo": 5.0, "hi": 5.0, "n": 1}
+    assert math.isnan(mean_ci([])["mean"])
+
+
+def test_sequence_kl_hand_worked():
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.1], [-1.0, -0.25, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    # row 0: (0.5) + (-1.0) = -0.5 (third token is padding); row 1: 0.5 - 0.25 - 9 = -8.75
+    assert sequence_kl(lp, ref, mask).tolist() == pytest.approx([-0.5, -8.75])
+    assert sequence_kl(lp, lp, mask).tolist() == [0.0, 0.0]
+
+
+def test_best_of_n_kl():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    with pytest.raises(ValueError):
+        best_of_n_kl(0)
+
+
+def test_best_of_n_pick():
+    assert best_of_n_pick([0.1, 0.9, 0.5, 0.5, -1.0, 2.0], 2) == [1, 2, 5]  # a tie keeps the first
+    assert best_of_n_pick([3.0, 1.0, 2.0], 3) == [0]
+    with pytest.raises(ValueError):
+        best_of_n_pick([1.0, 2.0, 3.0], 2)
+
+
+def test_score_outcomes_and_win_rate():
+    out = score_outcomes([1.0, 2.0, 2.0, 0.3], [0.0, 2.0, 3.0, 0.1], ["a", "b", "c", "same"], ["x", "y", "z", "same"])
+    assert out == [1.0, 0.5, 0.0, 0.5]  # last: identical texts tie whatever the scores
+    w = outcomes_win_rate(out)
+    assert (w["wins"], w["ties"], w["n"]) == (1, 2, 4)
+    assert w["rate"] == pytest.approx((1 + 0.5 * 2) / 4)
+    assert w["lo"] < 0.5 < w["hi"]
+    assert outcomes_win_rate([0.5] * 6)["rate"] == 0.5
+    with pytest.raises(ValueError):
+        outcomes_win_rate([0.3])
+
+
+def test_reward_vs_sqrt_kl_fit():
+    rows = [{"step": i + 1, "kl": k, "score": s} for i, (k, s) in enumerate([(0, 1), (1, 3), (4, 5), (9, 7)])]
+    c = reward_vs_sqrt_kl(rows)
+    assert [p[0] for p in c["points"]] == [0, 1, 2, 3]
+    assert c["fit"]["slope"] == pytest.approx(2.0) and c["fit"]["intercept"] == pytest.approx(1.0)
+    assert c["fit"]["r2"] == pytest.approx(1.0)
+    # a negative k1 estimate is clipped to 0 before the root; non-finite rows are dropped
+    c = reward_vs_sqrt_kl([{"kl": -0.1, "score": 0.0}, {"kl": 1.0, "score": 1.0}, {"kl": float("nan"), "score": 2}])
+    assert [p[0] for p in c["points"]] == [0.0, 1.0]
+    assert reward_vs_sqrt_kl([{"kl": 1.0, "score": 1.0}])["fit"] is None
+
+
+def test_loglik_bootstrap_means_and_paired_delta():
+    sums = {"sft": [-10.0, -20.0], "ppo": [-12.0, -26.0]}
+    counts = {"sft": [5, 10], "ppo": [5, 10]}
+    out = loglik_bootstrap(sums, counts, "sft", n_boot=500, seed=1)
+    assert out["sft"]["mean"] == pytest.approx(-30 / 15)
+    assert out["ppo"]["mean"] == pytest.approx(-38 / 15)
+    assert out["ppo"]["delta"]["mean"] == pytest.approx(-8 / 15)
+    # every resample makes ppo worse (it is worse on each text): the paired interval is below 0
+    assert out["ppo"]["delta"]["hi"] < 0
+    assert out["sft"]["delta"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+
+
+def test_text_logliks_match_a_plain_loop(tiny_model_dir, tiny_tokenizer):
+    from instructrl.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    texts = ["the quick brown fox", "hello world! write a short poem about the sea.", "a"]
+    sums, counts = text_logliks(model, tiny_tokenizer, texts, max_tokens=8, micro_batch_size=2)
+    for t, s, c in zip(texts, sums, counts):
+        ids = tiny_tokenizer(t, add_special_tokens=False)["input_ids"][:8]
+        if len(ids) < 2:
+            assert (s, c) == (0.0, 0)
+            continue
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        want = sum(float(lp[i - 1, ids[i]]) for i in range(1, len(ids)))
+        assert c == len(ids) - 1
+        assert s == pytest.approx(want, abs=1e-4)
+
+
+def test_labeler_outcome_is_symmetric_and_seeded():
+    from instructrl.tasks import generate_tasks, sample_responses
+    from instructrl.tasks.labelers import LabelerPool
+
+    pool = LabelerPool.default()
+    rng = random.Random(0)
+    for t in generate_tasks(10, seed=5):
+        x, y = sample_responses(t, 2, rng)
+        o = labeler_outcome(pool, t, "ppo", "sft", x, y, seed=3)
+        assert o in (0.0, 1.0)
+        assert labeler_outcome(pool, t, "sft", "ppo", y, x, seed=3) == 1.0 - o
+        assert labeler_outcome(pool, t, "ppo", "sft", x, y, seed=3) == o
+        assert labeler_outcome(pool, t, "ppo", "sft", x, x, seed=3) == 0.5
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="baseline"):
+        load_config(EvalConfig, None, ["policies.ppo=x", "tasks=t", "reward_model=r"])
+    with pytest.raises(ConfigError, match="greedy"):
+        load_config(EvalConfig, None, ["policies.sft=x", "tasks=t", "reward_model=r", "best_of_n=4", "greedy=true"])
+    with pytest.raises(ConfigError, match="tasks"):
+        load_config(EvalConfig, None, ["policies.sft=x", "reward_model=r"])
+    cfg = load_config(EvalConfig, Path(__file__).parents[1] / "configs" / "eval.yaml")
+    assert cfg.baseline == "sft" and cfg.temperature == 1.0
+
+
+# ---------------------------------------------------------------------------
+# The whole evaluation on tiny models
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory, tiny_model_dir):
+    from instructrl.io import write_jsonl
+    from instructrl.models import build_tiny_model, load_tokenizer
+    from instructrl.reward import init_reward_model, save_reward_model
+    from instructrl.tasks import generate_tasks, save_tasks
+
+    d = tmp_path_factory.mktemp("eval")
+    other = build_tiny_model(d / "other", seed=1)  # same tokenizer, different weights
+    rm = init_reward_model(tiny_model_dir)
+    save_reward_model(rm, load_tokenizer(str(tiny_model_dir)), d / "rm")
+    save_tasks(d / "tasks.jsonl", generate_tasks(9, seed=7))
+    write_jsonl(d / "pretrain.jsonl", [{"text": "the quick brown fox jumps over the lazy dog."},
+                                       {"text": "write a short poem about the sea. hello world!"},
+                                       {"text": "answer in three words. use a numbered list."}])
+    (d / "ppo").mkdir()
+    write_jsonl(d / "ppo" / "metrics.jsonl", [{"step": i, "score": 0.1 * i, "kl": 0.05 * i * i} for i in range(1, 6)])
+    return {"dir": d, "sft": str(tiny_model_dir), "ppo": str(other), "rm": str(d / "rm"), "tasks": str(d / "tasks.jsonl"),
+            "pretrain": str(d / "pretrain.jsonl"), "ppo_run": str(d / "ppo")}
+
+
+def _cfg(inp, out, extra=()):
+    return load_config(EvalConfig, None, [
+        f"policies.sft={inp['sft']}", f"policies.ppo={inp['ppo']}", f"tasks={inp['tasks']}",
+        f"reward_model={inp['rm']}", "best_of_n=2", "n_prompts=6", "max_new_tokens=8", "batch_size=4",
+        "bootstrap=200", f"ppo_runs.ppo={inp['ppo_run']}", f"pretrain_eval={inp['pretrain']}", f"output_dir={out}",
+        *extra])
+
+
+def test_run_eval_end_to_end(eval_inputs, tmp_path):
+    out = tmp_path / "eval"
+    res = run_eval(_cfg(eval_inputs, out))
+    names = ["sft", "ppo", "best-of-2"]
+    assert list(res["policies"]) == names
+    sft, ppo, bon = (res["policies"][n] for n in names)
+
+    # the baseline against itself: every comparison a tie, by labelers and by RM
+    for k in ("win_rate_labelers", "win_rate_rm"):
+        assert (sft[k]["rate"], sft[k]["ties"], sft[k]["n"]) == (0.5, 6, 6)
+    # KL of the reference against itself is exactly 0; best-of-N has the closed form
+    assert sft["kl"]["mean"] == 0.0 and sft["kl"]["hi"] == 0.0
+    assert bon["kl"]["mean"] == pytest.approx(math.log(2) - 0.5)
+    assert ppo["kl"]["n"] == 6 and math.isfinite(ppo["kl"]["mean"])
+    for p in res["policies"].values():
+        for k in ("win_rate_labelers", "win_rate_rm", "gold_satisfaction"):
+            assert 0 <= p[k]["lo"] <= p[k]["rate"] <= p[k]["hi"] <= 1
+        assert 0 < p["length_tokens"]["mean"] <= 8
+        assert p["elo"]["lo"] <= p["elo"]["rating"] <= p["elo"]["hi"]
+    assert res["elo"]["sft"]["rating"] == pytest.approx(1000.0)
+    # the pairwise matrix is consistent with the win rates against the baseline
+    assert res["pairwise_labelers"]["ppo"]["sft"] == pytest.approx(ppo["win_rate_labelers"]["rate"])
+    assert res["pairwise_labelers"]["ppo"]["sft"] + res["pairwise_labelers"]["sft"]["ppo"] == pytest.approx(1.0)
+
+    rows = [json.loads(l) for l in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 * 3 and {r["policy"] for r in rows} == set(names)
+
+    curve = res["reward_vs_sqrt_kl"]["ppo"]
+    assert curve["fit"]["slope"] == pytest.approx(0.1 / math.sqrt(0.05)) and curve["fit"]["r2"] == pytest.approx(1.0)
+    tax = res["alignment_tax"]["policies"]
+    assert set(tax) == {"sft", "ppo"} and tax["sft"]["delta"]["mean"] == 0.0 and tax["ppo"]["mean"] < 0
+
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["policies"]["sft"]["kl"]["mean"] == 0.0 and rep["n_prompts"] == 6
+    html = (out / "report.html").read_text()
+    for title in ("How to read this", "Summary", "Gold constraint satisfaction", "Elo", "Reward vs √KL",
+                  "Alignment tax", "Example answers", "over-optimisation"):
+        assert title in html, title
+    assert html.count("data:image/png;base64,") == 5
+    for png in ("win_rates.png", "elo.png", "gold_satisfaction.png", "reward_vs_sqrt_kl.png", "alignment_tax.png"):
+        assert (out / png).stat().st_size > 1000
+    assert not list(out.glob(".*tmp"))
+
+
+def test_run_eval_is_seeded_and_order_free(eval_inputs, tmp_path):
+    """Same config, policies listed in another order: the same answers and judgments."""
+    a = run_eval(_cfg(eval_inputs, tmp_path / "a", ["best_of_n=0", "pretrain_eval=", "n_prompts=4"]))
+    cfg = _cfg(eval_inputs, tmp_path / "b", ["best_of_n=0", "pretrain_eval=", "n_prompts=4"])
+    cfg.policies = {"ppo": cfg.policies["ppo"], "sft": cfg.policies["sft"]}
+    b = run_eval(cfg)
+    for n in ("sft", "ppo"):
+        for k in ("win_rate_labelers", "win_rate_rm", "gold_satisfaction", "kl", "rm_score"):
+            assert a["policies"][n][k] == b["policies"][n][k]
+    assert a["alignment_tax"] is None and "No held-out pretraining text" in (tmp_path / "a" / "report.html").read_text()
+
+
+def test_write_report_with_extra_sections(eval_inputs, tmp_path):
+    res = run_eval(_cfg(eval_inputs, tmp_path / "e", ["best_of_n=0", "pretrain_eval=", "n_prompts=3",
+                                                      "max_new_tokens=4"]))
+    img = tmp_path / "e" / "win_rates.png"
+    paths = write_report(res, tmp_path / "r", extra_sections=[
+        ReportSection("Rounds", "one row per round", ["round", "win rate"], [[1, 0.55], [2, 0.61]], [str(img)],
+                      data={"rounds": [1, 2]}),
+        {"title": "Stage timings", "columns": ["stage", "s"], "rows": [["sft", 12.5]]},
+    ])
+    html = paths["html"].read_text()
+    assert "Rounds" in html and "one row per round" in html and "0.610" in html and "Stage timings" in html
+    assert html.count("data:image/png;base64,") == 5  # win rates, gold, Elo, reward vs √KL + the section's image
+    rep = json.loads(paths["json"].read_text())
+    assert [s["title"] for s in rep["sections"]] == ["Rounds", "Stage timings"]
+    assert rep["sections"][0]["data"] == {"rounds": [1, 2]}
+    with pytest.raises(ValueError, match="unknown keys"):
+        write_report(res, tmp_path / "r", extra_sections=[{"title": "x", "tabel": []}])
+
+
+# ---------------------------------------------------------------------------
+# instructrl eval ifeval
+# ---------------------------------------------------------------------------
+
+
+def test_ifeval_plumbing_with_tiny_model(tiny_model_dir, tmp_path):
+    out = run_ifeval(load_config(IFEvalConfig, None, [f"data={IFEVAL_SAMPLE}", f"model={tiny_model_dir}",
+                                                      "max_new_tokens=6", f"output_dir={tmp_path}"]))
+    assert out["n_prompts"] == 8
+    for k in ("prompt_level_strict_accuracy", "instruction_level_strict_accuracy", "prompt_level_loose_accuracy",
+              "instruction_level_loose_accuracy"):
+        assert 0.0 <= out[k] <= 1.0
+    saved = json.loads((tmp_path / "ifeval.json").read_text())
+    assert saved["n_instructions"] == out["n_instructions"] > 8
+    lines = (tmp_path / "responses.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and set(json.loads(lines[0])) == {"key", "prompt", "response"}
+
+
+def test_ifeval_gives_credit_to_passing_answers(tiny_model_dir, tmp_path, monkeypatch):
+    import instructrl.evaluate as ev
+
+    good = {
+        1003: "My answer is yes.",
+        1004: "* apples\n* pears\n* plums\nIs there anything else I can help with?",
+    }
+    seen = {}
+
+    def fake(model, tok, messages_list, **kw):
+        seen["kw"] = kw
+        prompts = [m[0]["content"] for m in messages_list]
+        rows = {r["prompt"]: r["key"] for r in map(json.loads, IFEVAL_SAMPLE.read_text().splitlines())}
+        return [good.get(rows[p], "") for p in prompts]
+
+    monkeypatch.setattr(ev, "generate_responses", fake)
+    out = run_ifeval(load_config(IFEvalConfig, None, [f"data={IFEVAL_SAMPLE}", f"model={tiny_model_dir}",
+                                                      f"output_dir={tmp_path}"]))
+    assert seen["kw"]["greedy"] is True
+    by_key = {r["key"]: r for r in out["results"]}
+    assert by_key[1003]["strict"] == [True]
+    assert by_key[1004]["strict"] == [True, True]
+    assert out["prompt_level_strict_accuracy"] == pytest.approx(2 / 8)
+    assert out["instruction_level_strict_accuracy"] == pytest.approx(3 / out["n_instructions"])
