@@ -126,6 +126,18 @@ def test_labeler_outcome_is_symmetric_and_seeded():
         assert labeler_outcome(pool, t, "ppo", "sft", x, x, seed=3) == 0.5
 
 
+def test_missing_inputs_fail_before_sampling(eval_inputs, tmp_path):
+    cfg = _cfg(eval_inputs, tmp_path / "x", [f"policies.ppo={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="policies.ppo"):
+        run_eval(cfg)
+    from instructrl.io import DataError
+
+    cfg = _cfg(eval_inputs, tmp_path / "x", [f"ppo_runs.ppo={tmp_path}"])
+    with pytest.raises(DataError, match="metrics.jsonl"):
+        run_eval(cfg)
+    assert not (tmp_path / "x").exists()
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="baseline"):
         load_config(EvalConfig, None, ["policies.ppo=x", "tasks=t", "reward_model=r"])
@@ -228,22 +240,29 @@ def test_run_eval_is_seeded_and_order_free(eval_inputs, tmp_path):
 
 
 def test_write_report_with_extra_sections(eval_inputs, tmp_path):
-    res = run_eval(_cfg(eval_inputs, tmp_path / "e", ["best_of_n=0", "pretrain_eval=", "n_prompts=3",
+    res = run_eval(_cfg(eval_inputs, tmp_path / "e", ["labeler_seed=3", "best_of_n=0", "pretrain_eval=", "n_prompts=3",
                                                       "max_new_tokens=4"]))
     img = tmp_path / "e" / "win_rates.png"
     paths = write_report(res, tmp_path / "r", extra_sections=[
         ReportSection("Rounds", "one row per round", ["round", "win rate"], [[1, 0.55], [2, 0.61]], [str(img)],
                       data={"rounds": [1, 2]}),
         {"title": "Stage timings", "columns": ["stage", "s"], "rows": [["sft", 12.5]]},
+        ("Run", {"command": "instructrl pipeline --preset quick", "seed": 0}),
+        ("Per round", [{"round": 1, "ppo": {"last_score": 0.25, "last_kl": 1.5}}, {"round": 2, "agreement": 0.71}]),
     ])
     html = paths["html"].read_text()
     assert "Rounds" in html and "one row per round" in html and "0.610" in html and "Stage timings" in html
+    assert "instructrl pipeline --preset quick" in html
+    assert "<th>ppo.last_score</th>" in html and "<th>agreement</th>" in html and "0.710" in html
     assert html.count("data:image/png;base64,") == 5  # win rates, gold, Elo, reward vs √KL + the section's image
     rep = json.loads(paths["json"].read_text())
-    assert [s["title"] for s in rep["sections"]] == ["Rounds", "Stage timings"]
+    assert [s["title"] for s in rep["sections"]] == ["Rounds", "Stage timings", "Run", "Per round"]
+    assert rep["sections"][3]["data"][0]["ppo"]["last_kl"] == 1.5
     assert rep["sections"][0]["data"] == {"rounds": [1, 2]}
     with pytest.raises(ValueError, match="unknown keys"):
         write_report(res, tmp_path / "r", extra_sections=[{"title": "x", "tabel": []}])
+    with pytest.raises(ValueError, match="payload"):
+        write_report(res, tmp_path / "r", extra_sections=[("x", 3)])
 
 
 # ---------------------------------------------------------------------------

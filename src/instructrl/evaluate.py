@@ -50,7 +50,6 @@ from instructrl.tasks.labelers import DEFAULT_NOISE
 
 @dataclass
 class EvalLabelers:
-    seed: int = param(0, "seed of LabelerPool.default: use the pipeline's, so the held-out labelers are the same people")
     n_train: int = param(6, "training labelers in the pool (they never judge evaluations)")
     n_heldout: int = param(3, "held-out labelers: the only ones that judge here (InstructGPT §4)")
     noise: float = param(DEFAULT_NOISE, "labeler noise (gold-score units); the default gives ~73% inter-labeler agreement")
@@ -79,7 +78,9 @@ class EvalConfig:
     batch_size: int = param(16, "prompts per generation batch")
     micro_batch_size: int = param(8, "sequences per forward pass when scoring (KL, RM, pretraining text)")
     seed: int = param(0, "seed for the prompt subset, sampling, labeler noise and bootstrap")
-    labelers: EvalLabelers = param(EvalLabelers(), "the simulated labeler pool (held-out labelers judge)")
+    labeler_seed: int = param(0, "seed of LabelerPool.default: the pipeline's data seed, so the held-out labelers "
+                                 "are the same simulated people as in training's pool")
+    labelers: EvalLabelers = param(EvalLabelers(), "the rest of the simulated labeler pool (held-out labelers judge)")
     bootstrap: int = param(1000, "bootstrap resamples for the Elo and alignment-tax intervals")
     ppo_runs: dict[str, str] = param(factory=dict, help="name -> PPO run folder (metrics.jsonl) for reward vs √KL curves")
     pretrain_eval: str = param("", "held-out plain-text JSONL ({text}) for the alignment tax; empty = skip")
@@ -476,8 +477,30 @@ def _read_ppo_metrics(folder: str) -> list[dict]:
     return [row for _, row in read_jsonl(p)]
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """``instructrl eval``: every metric of every policy on the same held-out prompts; writes the report."""
+def check_inputs(cfg: EvalConfig) -> dict[str, list[dict]]:
+    """Fail in seconds, not after an hour of sampling: every model folder, the RM, the PPO runs' metrics.
+
+    Returns the PPO runs' metrics rows (name -> rows).
+    """
+    from instructrl.models import resolve_model
+
+    for name, path in {**{f"policies.{k}": v for k, v in cfg.policies.items()}, "reference": cfg.reference_path,
+                       "reward_model": cfg.reward_model}.items():
+        try:
+            resolve_model(path)
+        except Exception as e:  # ModelLoadError: not a model folder
+            raise ConfigError(f"{name}: {e}") from None
+    if cfg.pretrain_eval and not Path(cfg.pretrain_eval).exists():
+        raise ConfigError(f"pretrain_eval: {cfg.pretrain_eval} does not exist")
+    return {name: _read_ppo_metrics(path) for name, path in cfg.ppo_runs.items()}
+
+
+def run_eval(cfg: EvalConfig, extra_sections: Sequence["ReportSection | dict | tuple"] = ()) -> dict:
+    """``instructrl eval``: every metric of every policy on the same held-out prompts; writes the report.
+
+    ``extra_sections`` go to :func:`write_report` (the pipeline's rounds and stage timings).
+    Returns the results dict that report.json holds.
+    """
     from instructrl.data import load_text_corpus
     from instructrl.models import load_causal_lm, load_tokenizer
     from instructrl.reward import load_reward_model
@@ -494,6 +517,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     out_dir = Path(cfg.output_dir)
 
     # ---- 1. prompts: a seeded subset of the held-out tasks ----
+    ppo_metrics = check_inputs(cfg)
     tasks = load_tasks(cfg.tasks)
     if not tasks:
         raise ConfigError(f"tasks: {cfg.tasks} has no tasks")
@@ -501,7 +525,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         keep = sorted(random.Random(cfg.seed).sample(range(len(tasks)), cfg.n_prompts))
         tasks = [tasks[i] for i in keep]
     messages = [[{"role": "user", "content": t.prompt}] for t in tasks]
-    pool = LabelerPool.default(cfg.labelers.n_train, cfg.labelers.n_heldout, cfg.labelers.seed, cfg.labelers.noise,
+    pool = LabelerPool.default(cfg.labelers.n_train, cfg.labelers.n_heldout, cfg.labeler_seed, cfg.labelers.noise,
                                cfg.labelers.noise_kind)
     print(f"[eval] {len(tasks)} held-out prompts, {len(cfg.policies)} policies"
           + (f" + best-of-{cfg.best_of_n}" if cfg.best_of_n else "") + f", judged by {len(pool.heldout)} held-out "
@@ -613,7 +637,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             per_policy[n]["elo"] = elo[n]
 
     # ---- 8. reward vs √KL during PPO ----
-    curves = {name: reward_vs_sqrt_kl(_read_ppo_metrics(path)) | {"run": path} for name, path in cfg.ppo_runs.items()}
+    curves = {name: reward_vs_sqrt_kl(rows) | {"run": cfg.ppo_runs[name]} for name, rows in ppo_metrics.items()}
 
     # ---- 9. alignment tax: log-likelihood of held-out pretraining text ----
     t0 = time.perf_counter()
@@ -653,7 +677,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "baseline": base,
         "reference": ref_path,
         "decoding": "greedy" if cfg.greedy else f"sampling, T = {cfg.temperature}",
-        "labelers": {"held_out": [l.id for l in pool.heldout], "pool_seed": cfg.labelers.seed,
+        "labelers": {"held_out": [l.id for l in pool.heldout], "pool_seed": cfg.labeler_seed,
                      "note": "simulated labelers: a programmatic stand-in for humans (docs/simulated-labelers.md)"},
         "policies": per_policy,
         "pairwise_labelers": pair_lab,
@@ -671,7 +695,7 @@ def run_eval(cfg: EvalConfig) -> dict:
          "tokens": samples[n].tokens[i], "rm_score": scores[n][i], "gold_score": gold[n][i],
          "satisfies_all": gold_ok[n][i], "kl": None if samples[n].kl is None else samples[n].kl[i]}
         for n in names for i, t in enumerate(tasks)))
-    write_report(results, out_dir)
+    results = write_report(results, out_dir, extra_sections)["results"]
     print(format_summary(results))
     print(f"[eval] wrote {out_dir / 'report.html'}, report.json, responses.jsonl ({timings['total']:.0f} s)")
     return results
@@ -714,15 +738,38 @@ class ReportSection:
     data: Any = None
 
     @classmethod
-    def coerce(cls, s: "ReportSection | dict") -> "ReportSection":
+    def coerce(cls, s: "ReportSection | dict | tuple") -> "ReportSection":
+        """A ReportSection from itself, a dict of its fields, or a ``(title, payload)`` pair where payload is
+        a mapping (a key/value table), a list of mappings (one row each; nested keys dotted) or text."""
         if isinstance(s, ReportSection):
             return s
+        if isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], str):
+            title, payload = s
+            if isinstance(payload, str):
+                return cls(title, text=payload, data=payload)
+            if isinstance(payload, dict):
+                return cls(title, columns=["", ""], rows=[[k, v] for k, v in payload.items()], data=payload)
+            if isinstance(payload, (list, tuple)) and all(isinstance(r, dict) for r in payload):
+                flat = [_flatten(r) for r in payload]
+                cols = list(dict.fromkeys(k for r in flat for k in r))
+                return cls(title, columns=cols, rows=[[r.get(c) for c in cols] for r in flat], data=list(payload))
+            raise ValueError(f"extra section {title!r}: payload must be text, a mapping or a list of mappings")
         if not isinstance(s, dict) or "title" not in s:
             raise ValueError(f"an extra section must be a ReportSection or a dict with a 'title', got {s!r}")
         unknown = set(s) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"extra section {s['title']!r}: unknown keys {sorted(unknown)}")
         return cls(**s)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _json_safe(x: Any) -> Any:
@@ -895,6 +942,8 @@ def _fmt(v: Any) -> str:
         return "–"
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(_json_safe(v), ensure_ascii=False)
     if isinstance(v, float):
         if not math.isfinite(v):
             return "–"
@@ -928,14 +977,15 @@ padding:.4em;margin:0;font-size:.85em;text-align:left}section{margin-bottom:2em}
 
 
 def write_report(results: dict, out_dir: str | Path,
-                 extra_sections: Sequence[ReportSection | dict] = ()) -> dict[str, Path]:
+                 extra_sections: Sequence[ReportSection | dict | tuple] = ()) -> dict[str, Any]:
     """Write report.html (self-contained: PNGs embedded as base64, also saved beside it) and report.json.
 
     ``results``: the dict :func:`run_eval` returns (or report.json read back).
-    ``extra_sections``: :class:`ReportSection`s (or dicts with its fields) appended to the
-    report, e.g. the pipeline's per-round results and stage timings; their ``data``,
-    rows and text go into report.json under "sections". Every file is written atomically.
-    Returns the paths written.
+    ``extra_sections``: :class:`ReportSection`s, dicts of its fields, or ``(title, payload)``
+    pairs (see :meth:`ReportSection.coerce`) appended to the report, e.g. the pipeline's
+    per-round results and stage timings; they go into report.json under "sections" too.
+    Every file is written atomically. Returns the paths written (keys "html", "json" and
+    one per plot) and, under "results", the dict that report.json holds.
     """
     out = Path(out_dir)
     sections = [ReportSection.coerce(s) for s in extra_sections]
@@ -1063,6 +1113,7 @@ def write_report(results: dict, out_dir: str | Path,
     atomic_write_text(out / "report.json", json.dumps(_json_safe(results), indent=2, ensure_ascii=False))
     atomic_write_text(out / "report.html", "\n".join(h))
     paths["json"], paths["html"] = out / "report.json", out / "report.html"
+    paths["results"] = results
     return paths
 
 
