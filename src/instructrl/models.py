@@ -100,17 +100,33 @@ def resolve_model(name_or_path: str | None) -> str:
         return str(default_model_dir())
     p = Path(name_or_path).expanduser()
     if p.exists():
+        if not p.is_dir():
+            hint = f"; convert it first: instructrl model convert gguf={p}" if p.suffix == ".gguf" else ""
+            raise ModelLoadError(f"{p}: not a model folder (a file){hint}")
         if not (p / "config.json").exists():
-            raise ModelLoadError(f"{p}: not a model folder (no config.json)")
+            ggufs = sorted(p.glob("*.gguf"))
+            hint = (f"; it holds a GGUF file, convert it first: instructrl model convert gguf={ggufs[0]}" if ggufs
+                    else "; a Hugging Face model folder has config.json, the weights (*.safetensors) and the tokenizer files")
+            raise ModelLoadError(f"{p}: not a model folder (no config.json){hint}")
         return str(p)
+    if _looks_like_path(str(name_or_path)):
+        # A hub id is "name" or "org/name"; anything else is a folder that is missing.
+        raise ModelLoadError(f"model folder {str(name_or_path)!r} does not exist (and it is not a hub id 'org/name')")
     return str(name_or_path)
 
 
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def _hub_error(name: str, e: Exception) -> ModelLoadError:
+    first = str(e).splitlines()[0] if str(e) else ""
+    if Path(name).is_dir():  # a local folder that exists but does not load: say so, not "hub"
+        return ModelLoadError(f"could not load the model folder {name}: {type(e).__name__}: {first}")
     return ModelLoadError(
         f"could not load model {name!r}: it is not a local folder and the Hugging Face hub could not "
         f"provide it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-        f"Download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) "
+        f"Download it where the hub is reachable (hf download {name} --local-dir DIR) "
         f"and pass model=DIR, or leave the model unset to use the embedded default."
     )
 
