@@ -628,6 +628,15 @@ class RMEvalConfig:
 # ---------------------------------------------------------------------------
 
 
+def make_adamw(params: list, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW, fused where torch supports it: on this CPU the default (foreach) step of a 135M
+    model took 3.6-12 s against 0.1 s fused (measured), longer than the forward pass."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def split_rankings(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """Seeded random split: (train, held out) with round(fraction * n) >= 1 held out."""
     import random
@@ -718,8 +727,7 @@ def train_rm(cfg: RMConfig) -> Path:
     run.info(f"model: {type(model).__name__} from {cfg.model}; {n_train:,} trainable parameters")
     model.train()
     scorer = RewardScorer(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
-                            weight_decay=tc.weight_decay)
+    opt = make_adamw([p for p in model.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
     steps_per_epoch = math.ceil(len(train_items) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, round(tc.warmup_ratio * total_steps), total_steps,
