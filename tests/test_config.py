@@ -236,3 +236,19 @@ def test_every_config_file_parses(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # configs name paths relative to the repository root
     cfg = load_config(_config_class(key), path)
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_section_default_keeps_its_values_and_is_not_shared():
+    @dataclass
+    class WithSection:
+        opt: Opt = param(Opt(lr=3e-4, epochs=9), "a section with non-default values")
+
+    a, b = load_config(WithSection), load_config(WithSection)
+    assert (a.opt.lr, a.opt.epochs, a.opt.total) == (3e-4, 9, 90)
+    a.opt.epochs = 1
+    assert b.opt.epochs == 9 and WithSection().opt.epochs == 9
+
+
+def test_mutable_default_needs_factory():
+    with pytest.raises(TypeError, match="factory="):
+        param([1], "a list")

@@ -11,6 +11,7 @@ nested dataclass, children first.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -208,5 +209,6 @@ def param(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dat
     if isinstance(default, (list, dict, set)):
         raise TypeError("use factory= for mutable defaults")
     if dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=type(default), metadata={"help": help})
+        # a fresh copy of the given section each time, keeping any values set in it
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
