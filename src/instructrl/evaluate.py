@@ -889,7 +889,8 @@ def plot_reward_vs_sqrt_kl(results: dict, path: Path) -> bytes | None:
             f = c["fit"]
             line = np.linspace(xs.min(), xs.max(), 20)
             ax.plot(line, f["slope"] * line + f["intercept"], "-", color=pts[0].get_color(),
-                    label=f"{name}: {f['slope']:.3f}·√KL + {f['intercept']:.3f} (r² {f['r2']:.2f})")
+                    label=f"{name}: {f['slope']:.3f}·√KL {'+' if f['intercept'] >= 0 else '−'} "
+                          f"{abs(f['intercept']):.3f} (r² {f['r2']:.2f})")
     ax.set_xlabel("√KL(π ‖ π_SFT)  (√nats, per sequence)")
     ax.set_ylabel("mean RM score per PPO step")
     ax.set_title("reward vs √KL during PPO", fontsize=10)
@@ -934,6 +935,10 @@ HOW_TO_READ = [
     "least-squares fit. Alignment tax: mean per-token log-likelihood of held-out pretraining text; RLHF "
     "lowers it, and PPO-ptx exists to lower it less (InstructGPT §3.5, §4.2). 'Δ' is the paired difference to "
     "the baseline.",
+    "Caveats: the Wilson interval counts a tie as half a success, which is conservative when ties are common "
+    "(the baseline against itself shows 0.5 with a wide interval); the Elo bootstrap resamples comparisons "
+    "independently although comparisons on one prompt are correlated, so its intervals are somewhat narrow; "
+    "with greedy decoding the KL column is the log-ratio on the greedy answer, not a KL.",
 ]
 
 
@@ -960,7 +965,8 @@ def _ci(d: dict | None, key: str = "mean") -> str:
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if any(str(c) for c in columns) else ""  # key/value tables: no header
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
 def _img(data: bytes | None, alt: str) -> str:
