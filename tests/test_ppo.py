@@ -125,9 +125,10 @@ def test_stream_and_micro_batches():
     assert stream_indices(5, 7, 5, seed=3) == a[7:12]  # the position alone determines what comes next
     qm = torch.tensor([[0, 1], [1, 1], [0, 1], [1, 1]])
     rm = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    chunks = list(micro_batches(torch.arange(4), qm, rm, 2))
+    chunks = list(micro_batches(torch.arange(4), qm, rm, 2, bucket=1))
     assert sorted(int(i) for c, _, _ in chunks for i in c) == [0, 1, 2, 3]
     assert [(p, r) for _, p, r in chunks] == [(1, 2), (2, 3)]  # sorted by length: short rows share a tight window
+    assert [(p, r) for _, p, r in micro_batches(torch.arange(4), qm, rm, 2, bucket=2)] == [(2, 2), (2, 3)]
 
 
 def test_config_errors_are_clear(tiny_model_dir, prompts_file, tmp_path):
