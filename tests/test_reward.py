@@ -276,7 +276,7 @@ def test_overlong_is_truncated_and_counted(tiny_model_dir, tmp_path, capsys):
                "data.val_fraction=0", "train.precision=fp32", "data.max_length=48"])
     assert rc == 0
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "4 prompts cut from the left" in log or "prompts cut from the left" in capsys.readouterr().out
+    assert "truncation (train, max_length=48)" in capsys.readouterr().out
     assert "8 examples: 8 prompts cut from the left, 4 responses cut from the right" in log
 
 
