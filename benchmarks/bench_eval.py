@@ -30,12 +30,13 @@ def main() -> None:
     from instructrl.evaluate import EvalConfig, run_eval
     from instructrl.io import write_jsonl
     from instructrl.models import load_tokenizer
+    from instructrl.ppo import drop_stale_quantization
     from instructrl.reward import init_reward_model, save_reward_model
     from instructrl.tasks import generate_tasks, save_tasks
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        save_reward_model(init_reward_model(None), load_tokenizer(None), d / "rm")
+        save_reward_model(drop_stale_quantization(init_reward_model(None)), load_tokenizer(None), d / "rm")
         save_tasks(d / "tasks.jsonl", generate_tasks(args.prompts, seed=11))
         write_jsonl(d / "pre.jsonl", [{"text": "The history of the printing press begins in the fifteenth century. "
                                                "It changed how ideas spread across Europe and beyond. " * 4}] * 8)
