@@ -98,8 +98,16 @@ def init_reward_model(lm_path: str | Path | None, dtype: torch.dtype = torch.flo
     tok = load_tokenizer(path)
     pad = reward_pad_token_id(tok)
     try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, num_labels=1, pad_token_id=pad)
+        # A folder converted from GGUF keeps a stale quantization_config although its safetensors
+        # weights are plain floats; left in, transformers refuses to save (and Trainer to train) it.
+        q = getattr(config, "quantization_config", None)
+        if isinstance(q, dict) and q.get("quant_method") == "gguf":
+            del config.quantization_config
         with _quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, pad_token_id=pad)
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
     except (OSError, ValueError) as e:
         raise _hub_error(path, e) from None
     model.config.pad_token_id = pad
