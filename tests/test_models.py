@@ -164,6 +164,9 @@ def test_convert_gguf_round_trip(tiny_model_dir, tiny_tokenizer, tmp_path):
     assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
         tiny_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     torch.testing.assert_close(logits_of(conv, ids), logits_of(model, ids), rtol=0, atol=1e-5)
+    # The converted folder is a plain checkpoint: no stale GGUF quantization_config, so it saves again.
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    conv.save_pretrained(tmp_path / "resaved")
 
     # The comparison can fail: a file written without llama.cpp's Q/K permutation converts to a different model.
     bad = convert_gguf(write_tiny_gguf(model, tiny_tokenizer, tmp_path / "bad.gguf", permute=False), tmp_path / "bad")

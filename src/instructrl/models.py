@@ -9,6 +9,9 @@ plain safetensors checkpoint under ``$INSTRUCTRL_HOME`` (default
 
 from __future__ import annotations
 
+import copy
+import json
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +68,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    plain = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+    config = copy.deepcopy(src.config)
+    # The GGUF loader records a quantization_config although the weights are now plain fp32;
+    # left in config.json it makes every later save_pretrained refuse ("quantized model").
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
     # Tied embeddings appear as "missing" lm_head weights; anything else is a real mismatch.
     missing = [k for k in missing if not (k.endswith("lm_head.weight") and src.config.tie_word_embeddings)]
@@ -87,7 +95,19 @@ def default_model_dir() -> Path:
         gguf = find_default_gguf()
         print(f"[instructrl] converting embedded default model {gguf.name} -> {out} (once)")
         convert_gguf(gguf, out)
+    else:
+        _drop_stale_gguf_quantization(out / "config.json")
     return out
+
+
+def _drop_stale_gguf_quantization(config_json: Path) -> None:
+    """Repair a folder converted by an older instructrl that kept the GGUF quantization_config."""
+    from instructrl.io import atomic_write_text
+
+    cfg = json.loads(config_json.read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") == "gguf":
+        del cfg["quantization_config"]
+        atomic_write_text(config_json, json.dumps(cfg, indent=2) + "\n")
 
 
 def resolve_model(name_or_path: str | None) -> str:

@@ -54,7 +54,7 @@ PRESETS: dict[str, list[str]] = {
         "data.n_sft_prompts=12", "data.n_rm_prompts=8", "data.n_ppo_prompts=8", "data.n_eval_prompts=6",
         "data.k_max=4", "data.draft_tokens=12", "data.max_new_tokens=12", "sft.epochs=2", "sft.batch_size=4",
         "rm.batch_size=4", "ppo.steps=2", "ppo.batch_size=4", "ppo.minibatch_size=4", "eval.best_of_n=2",
-        "eval.max_new_tokens=12", "eval.bootstrap=50",
+        "eval.max_new_tokens=12", "eval.bootstrap=100",
     ],
 }
 
