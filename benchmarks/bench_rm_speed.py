@@ -28,8 +28,8 @@ import torch
 
 from instructrl.formatting import encode_prompt, encode_response, truncate
 from instructrl.losses import kwise_ranking_loss
-from instructrl.models import load_tokenizer
-from instructrl.reward import (RewardScorer, TokenizedRanking, collate_rankings, init_reward_model, make_adamw,
+from instructrl.models import load_tokenizer, make_adamw
+from instructrl.reward import (RewardScorer, TokenizedRanking, collate_rankings, init_reward_model,
                                pack_rankings)
 
 WORDS = ("the a garden river quiet bright answer kindly useful tea leaves sea poem morning light careful simple "

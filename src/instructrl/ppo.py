@@ -316,7 +316,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     from instructrl.data import load_prompts, load_text_corpus
     from instructrl.formatting import TruncationStats, encode_prompt
     from instructrl.io import RunDir, atomic_dir
-    from instructrl.models import load_causal_lm, load_tokenizer, resolve_model
+    from instructrl.models import load_causal_lm, load_tokenizer, make_adamw, resolve_model
     from instructrl.reward import init_reward_model, load_reward_model, score as rm_score
 
     rc, kc, tc = cfg.rollout, cfg.kl, cfg.train
@@ -334,6 +334,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     # --- models: policy (trained), reference (frozen SFT), reward (frozen), value (trained, init from RM) ---
     # A resumed run loads the trained policy and value model from its checkpoint; the rest from the config.
     run = RunDir(cfg.out)
+    torch.manual_seed(cfg.seed)  # a fresh value head is drawn from the global RNG: same seed, same head
     ckpt = latest_checkpoint(run.checkpoints) if cfg.resume else None
     policy_path = resolve_model(cfg.policy or None)
     tok = load_tokenizer(policy_path)
@@ -349,8 +350,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         value_model = init_reward_model(policy_path)
     for m in (policy, value_model):
         drop_stale_quantization(m)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    value_opt = torch.optim.AdamW(value_model.parameters(), lr=tc.value_lr, weight_decay=tc.weight_decay)
+    policy_opt = make_adamw(list(policy.parameters()), tc.lr, tc.weight_decay)
+    value_opt = make_adamw(list(value_model.parameters()), tc.value_lr, tc.weight_decay)
     policy_sched, value_sched = warmup_schedule(policy_opt, tc.warmup_steps), warmup_schedule(value_opt, tc.warmup_steps)
     kl_ctl = rl_math.KLController(kc.coef, kc.adaptive, kc.target, kc.horizon)
 

@@ -181,7 +181,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from instructrl.models import load_causal_lm, load_tokenizer
+    from instructrl.models import load_causal_lm, load_tokenizer, make_adamw
 
     # 1. set-up ------------------------------------------------------------
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -217,7 +217,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     model.config.use_cache = False
     add_residual_dropout(model, tc.residual_dropout)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_adamw(list(model.parameters()), tc.lr, tc.weight_decay)
     steps_per_epoch = math.ceil(len(train_ex) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     sched = cosine_schedule(opt, max(1, round(tc.warmup_ratio * total_steps)), total_steps, tc.min_lr_ratio)
