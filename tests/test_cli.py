@@ -88,3 +88,19 @@ def test_console_entry_point_exit_code(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("instructrl: error: override 'train.nope=1'")
     assert "Traceback" not in r.stderr
+
+
+def test_double_dash_flags_become_dotted_overrides():
+    from instructrl.cli import _flags_to_overrides
+
+    assert _flags_to_overrides(["--data", "x.jsonl", "--model=/m", "--max-new-tokens", "8", "--greedy",
+                                "--config", "c.yaml", "--preset", "quick", "--resume", "train.lr=1e-5"]) == \
+        ["data=x.jsonl", "model=/m", "max_new_tokens=8", "greedy=true", "--config", "c.yaml", "--preset", "quick",
+         "--resume", "train.lr=1e-5"]
+
+
+def test_ifeval_accepts_flag_spelling(tmp_path, capsys):
+    from instructrl.cli import main
+
+    assert main(["eval", "ifeval", "--data", str(tmp_path / "missing.jsonl"), "--model", "/tmp"]) == 2
+    assert "missing.jsonl: file not found" in capsys.readouterr().err

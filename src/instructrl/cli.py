@@ -62,10 +62,39 @@ def _resolve(argv: list[str]) -> tuple[tuple[str, ...] | None, list[str]]:
     return None, argv
 
 
+_OWN_FLAGS = {"--config", "--resume", "--preset", "--help", "-h"}
+
+
+def _flags_to_overrides(args: list[str]) -> list[str]:
+    """``--data FILE`` / ``--max-new-tokens=64`` / ``--greedy`` become ``data=FILE`` /
+    ``max_new_tokens=64`` / ``greedy=true``, so both spellings work on every command."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        name = a.split("=", 1)[0]
+        if not a.startswith("--") or name in _OWN_FLAGS:
+            out.append(a)
+            if name in ("--config", "--preset") and "=" not in a and i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 1
+            i += 1
+            continue
+        key = name[2:].replace("-", "_")
+        if "=" in a:
+            out.append(f"{key}={a.split('=', 1)[1]}")
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append(f"{key}={args[i + 1]}")
+            i += 1
+        else:
+            out.append(f"{key}=true")
+        i += 1
+    return out
+
+
 def _usage() -> str:
     rows = "\n".join(f"  {' '.join(k):<16} {v[3]}" for k, v in COMMANDS.items())
     return (
-        "usage: instructrl <command> [--config FILE.yaml] [key.sub=value ...]\n\n"
+        "usage: instructrl <command> [--config FILE.yaml] [key.sub=value | --key value ...]\n\n"
         f"commands:\n{rows}\n\n"
         "Run `instructrl <command> --help` for every config key, its default and meaning."
     )
@@ -94,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), help="a named set of overrides, applied first")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
-    args = parser.parse_args(rest)
+    args = parser.parse_args(_flags_to_overrides(rest))
     overrides = list(args.overrides)
     if presets:
         # --preset NAME (or preset=NAME) puts that preset's overrides under the user's own.

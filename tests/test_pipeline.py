@@ -1,0 +1,109 @@
+"""The whole pipeline on a tiny random model: every stage runs, resumes, re-runs alone, iterates rounds."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from instructrl.config import ConfigError
+from instructrl.pipeline import PRESETS, STAGES, load_pipeline_config, run_pipeline
+from instructrl.tasks import load_tasks
+from instructrl.tasks.constraints import satisfies_all
+
+
+def tiny(model, out, *extra):
+    return load_pipeline_config(None, ["preset=tiny", f"model={model}", f"output_dir={out}", "precision=fp32",
+                                       *extra])
+
+
+def read_jsonl(p):
+    return [json.loads(x) for x in Path(p).read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_parses(preset):
+    cfg = load_pipeline_config(None, [f"preset={preset}"])
+    assert cfg.preset == preset
+
+
+def test_bad_stage_name_is_a_clear_error():
+    with pytest.raises(ConfigError, match="only must be one of"):
+        load_pipeline_config(None, ["only=rlhf"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    results = run_pipeline(tiny(tiny_model_dir, out, "rounds=2"))
+    return out, results
+
+
+def test_every_stage_finishes_and_writes_its_outputs(tiny_run):
+    out, results = tiny_run
+    state = json.loads((out / "state.json").read_text())
+    assert set(state) == {"prompts", "demos", "sft", "rank-1", "rm-1", "ppo-1", "ppo_ptx-1",
+                          "rank-2", "rm-2", "ppo-2", "ppo_ptx-2", "eval"}
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == set(state) and all(t >= 0 for t in timings.values())
+    assert (out / "config.yaml").exists() and (out / "eval" / "report.html").stat().st_size > 0
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert set(report["policies"]) >= {"base", "sft", "ppo", "ppo_ptx", "best-of-2"}
+    assert report["policies"]["sft"]["win_rate_labelers"]["rate"] == 0.5  # the baseline against itself
+    sections = {s["title"] for s in report["sections"]}
+    assert {"Run", "Stage timings (s)", "Rounds"} <= sections
+
+
+def test_demonstrations_satisfy_their_constraints_and_eval_users_are_held_out(tiny_run):
+    out, _ = tiny_run
+    tasks = {t.prompt: t for t in load_tasks(out / "data" / "sft_tasks.jsonl")}
+    demos = read_jsonl(out / "data" / "demonstrations.jsonl")
+    assert len(demos) == len(tasks)
+    for d in demos:
+        prompt = d["prompt"] if isinstance(d["prompt"], str) else d["prompt"][-1]["content"]
+        assert satisfies_all(tasks[prompt].constraints, d["response"])
+    train_users = {t.user_id for f in ("sft", "rm", "ppo") for t in load_tasks(out / "data" / f"{f}_tasks.jsonl")}
+    eval_users = {t.user_id for t in load_tasks(out / "data" / "eval_tasks.jsonl")}
+    assert train_users and eval_users and not train_users & eval_users
+    assert (out / "data" / "pretrain.jsonl").stat().st_size > 0  # the PPO-ptx corpus
+
+
+def test_rounds_accumulate_rankings_and_continue_the_policy(tiny_run):
+    out, _ = tiny_run
+    r1, r2 = read_jsonl(out / "round-1" / "rankings.jsonl"), read_jsonl(out / "round-2" / "rankings.jsonl")
+    assert r1 and r2 and {x["prompt"] if isinstance(x["prompt"], str) else json.dumps(x["prompt"]) for x in r1} \
+        .isdisjoint({x["prompt"] if isinstance(x["prompt"], str) else json.dumps(x["prompt"]) for x in r2})
+    assert all(2 <= len(x["responses"]) <= 4 for x in r1 + r2)  # tiny preset: K = 4 (duplicates merged)
+    # the round-2 RM is trained on every ranking so far
+    rm2 = (out / "round-2" / "rm" / "config.yaml").read_text()
+    assert "rankings_all.jsonl" in rm2
+    assert len(read_jsonl(out / "data" / "rankings_all.jsonl")) == len(r1) + len(r2)
+    # round-2 PPO starts from the round-1 policy, keeps SFT as the KL reference, scores with the round-2 RM
+    for v in ("ppo", "ppo_ptx"):
+        cfg2 = (out / "round-2" / v / "config.yaml").read_text()
+        assert f"round-1/{v}/policy" in cfg2 and "sft/model" in cfg2 and "round-2/rm/model" in cfg2
+    assert "train.ptx_coef" not in (out / "round-1" / "ppo" / "config.yaml").read_text() or \
+        "ptx_coef: 0" in (out / "round-1" / "ppo" / "config.yaml").read_text()
+    rounds = next(s for s in json.loads((out / "eval" / "report.json").read_text())["sections"]
+                  if s["title"] == "Rounds")
+    body = rounds["data"]
+    assert [r["round"] for r in body] == [1, 2] and all(r["agreement"]["n_pairs"] > 0 for r in body)
+
+
+def test_a_second_start_refuses_resume_skips_and_only_reruns_one_stage(tiny_model_dir, tiny_run, capsys):
+    out, _ = tiny_run
+    with pytest.raises(SystemExit, match="--resume"):
+        run_pipeline(tiny(tiny_model_dir, out, "rounds=2"))
+    before = {p: p.stat().st_mtime_ns for p in (out / "sft" / "model").glob("*")}
+    run_pipeline(tiny(tiny_model_dir, out, "rounds=2", "resume=true"))
+    assert "=== [" not in capsys.readouterr().out  # nothing re-ran
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "sft" / "model").glob("*")}
+    rm_before = (out / "round-2" / "rm" / "model" / "model.safetensors").stat().st_mtime_ns
+    run_pipeline(tiny(tiny_model_dir, out, "rounds=2", "only=rm"))
+    printed = capsys.readouterr().out
+    assert "=== [rm-2] ===" in printed and "=== [sft]" not in printed and "=== [rm-1]" not in printed
+    assert (out / "round-2" / "rm" / "model" / "model.safetensors").stat().st_mtime_ns != rm_before
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "sft" / "model").glob("*")}
+
+
+def test_stage_names_cover_the_pipeline():
+    assert STAGES == ("prompts", "demos", "sft", "rank", "rm", "ppo", "eval")
