@@ -252,3 +252,18 @@ def test_section_default_keeps_its_values_and_is_not_shared():
 def test_mutable_default_needs_factory():
     with pytest.raises(TypeError, match="factory="):
         param([1], "a list")
+
+
+def test_precision_auto_picks_bf16_only_where_bf16_matmuls_are_fast(monkeypatch):
+    import torch
+
+    from instructrl import config as c
+    from instructrl.sft import SFTConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(c, "_cpu_has_amx", lambda: False)
+    assert c.resolve_precision("auto") == "fp32"
+    assert load_config(SFTConfig, None, ["data.train=x"]).train.precision == "fp32"  # resolved at load
+    monkeypatch.setattr(c, "_cpu_has_amx", lambda: True)
+    assert c.resolve_precision("auto") == "bf16"
+    assert c.resolve_precision("fp32") == "fp32" and c.resolve_precision("bf16") == "bf16"

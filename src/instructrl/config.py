@@ -212,3 +212,31 @@ def param(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dat
         # a fresh copy of the given section each time, keeping any values set in it
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` where bf16 matmuls are fast, else ``fp32``; other values pass through.
+
+    bf16 pays only with hardware bf16 matmuls: CUDA GPUs that support it, and CPUs with AMX
+    (measured on a 2-core Xeon with AMX: an SFT step 2.2x faster). A CPU with AVX512-BF16 but
+    no AMX runs bf16 matmuls *slower* than fp32 (measured: 141 vs 234 GFLOP/s on a 2048^3
+    matmul, and no step got faster), so ``auto`` keeps fp32 there.
+    """
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if _cpu_has_amx() else "fp32"
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False

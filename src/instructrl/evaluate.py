@@ -40,7 +40,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from instructrl.config import ConfigError, check, param
+from instructrl.config import ConfigError, check, param, resolve_precision
 from instructrl.tasks.labelers import DEFAULT_NOISE
 
 # ---------------------------------------------------------------------------
@@ -87,11 +87,12 @@ class EvalConfig:
     pretrain_max_texts: int = param(200, "at most this many pretraining texts (the first ones)")
     pretrain_max_tokens: int = param(256, "each pretraining text is cut to this many tokens")
     output_dir: str = param("runs/eval", "report.html, report.json, PNGs, responses.jsonl go here")
-    precision: Literal["bf16", "fp32"] = param("bf16", "bf16 = autocast on every forward; fp32 = full precision")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
     threads: int = param(0, "torch CPU threads; 0 = torch's default")
     examples: int = param(3, "prompts shown with every policy's answer in the report")
 
     def validate(self):
+        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(bool(self.policies), "policies: give at least one policy, e.g. policies.sft=runs/sft/model")
         for name, path in self.policies.items():
             check(isinstance(name, str) and bool(name.strip()), "policies: names must be non-empty strings")
@@ -130,10 +131,11 @@ class IFEvalConfig:
     limit: int = param(0, "evaluate only the first N rows; 0 = all")
     seed: int = param(0, "sampling seed")
     output_dir: str = param("runs/ifeval", "ifeval.json and responses.jsonl go here")
-    precision: Literal["bf16", "fp32"] = param("bf16", "bf16 autocast or fp32")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
     threads: int = param(0, "torch CPU threads; 0 = torch's default")
 
     def validate(self):
+        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(bool(self.data), "data: an IFEval JSONL file is required (data=PATH)")
         check(self.max_new_tokens >= 1 and self.max_prompt_tokens >= 1, "max_new_tokens/max_prompt_tokens must be >= 1")
         check(self.temperature > 0, "temperature must be > 0")

@@ -33,9 +33,10 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
-from instructrl.config import check, load_config, param
+from instructrl.config import check, load_config, param, resolve_precision
 from instructrl.io import RunDir, atomic_write_text, read_jsonl, write_jsonl
 
 STAGES = ("prompts", "demos", "sft", "rank", "rm", "ppo", "eval")
@@ -132,7 +133,7 @@ class PipelineConfig:
     only: str = param("", "re-run just this stage (and, for rank/rm/ppo, of round `round`)")
     round: int = param(0, "with only=rank|rm|ppo: which round; 0 = the last")
     resume: bool = param(False, "skip stages already finished in output_dir (PPO resumes from its checkpoints)")
-    precision: str = param("bf16", "bf16 autocast (2x faster on CPU) or fp32, for every stage")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
     data: PipelineData = param(PipelineData(), "prompts, users, rankings")
     sft: PipelineSFT = param(PipelineSFT(), "stage 3")
     rm: PipelineRM = param(PipelineRM(), "stage 5")
@@ -140,6 +141,7 @@ class PipelineConfig:
     eval: PipelineEval = param(PipelineEval(), "stage 7")
 
     def validate(self):
+        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.preset in PRESETS, f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
         check(self.rounds >= 1, "rounds must be >= 1")
         check(self.only in ("",) + STAGES, f"only must be one of {list(STAGES)}, got {self.only!r}")

@@ -32,7 +32,7 @@ from typing import Callable, Literal
 import torch
 
 from instructrl import rl_math
-from instructrl.config import ConfigError, check, param
+from instructrl.config import ConfigError, check, param, resolve_precision
 from instructrl.losses import ppo_policy_loss, ppo_value_loss, ptx_loss
 from instructrl.rollout import Generation, Rollout, position_ids, sample
 
@@ -102,9 +102,10 @@ class PPOTrain:
              "ptx_data (no ptx_data or 0 = plain PPO). The paper's 27.8 is in its own scale, see docs/ppo.md")
     ptx_batch_size: int = param(4, "plain-text sequences per minibatch for the ptx term")
     ptx_max_tokens: int = param(256, "pretraining sequences are cut to this many tokens")
-    precision: Literal["bf16", "fp32"] = param("bf16", "bf16 = autocast on every forward (fp32 master weights); fp32 = full")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
 
     def validate(self):
+        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.epochs >= 1, "train.epochs must be >= 1")
         check(self.minibatch_size >= 1 and self.micro_batch_size >= 1, "train.minibatch_size/micro_batch_size must be >= 1")
         check(self.lr > 0 and self.value_lr > 0, "train.lr and train.value_lr must be > 0")

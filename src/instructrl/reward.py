@@ -40,7 +40,7 @@ from typing import Literal
 
 import torch
 
-from instructrl.config import check, param
+from instructrl.config import check, param, resolve_precision
 from instructrl.data import Demonstration, Ranking, load_demonstrations, load_rankings
 from instructrl.formatting import TruncationStats, build_example, encode_prompt, encode_response, pad, truncate
 from instructrl.io import DataError
@@ -589,12 +589,13 @@ class RMTrain:
     micro_batch_size: int = param(16, "sequences per forward pass in one process; whole rankings are packed")
     weight_decay: float = param(0.0, "AdamW weight decay")
     max_grad_norm: float = param(1.0, "gradient clipping norm; 0 disables")
-    precision: Literal["bf16", "fp32"] = param("bf16", "bf16 = autocast (about 2x faster on CPU); fp32 = full precision")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
     trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm + head); -1 = all")
     seed: int = param(0, "seed for the split, shuffling and the head initialisation")
     log_every: int = param(1, "write a metrics row every N optimizer steps")
 
     def validate(self):
+        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.epochs >= 1, "train.epochs must be >= 1")
         check(self.lr > 0, "train.lr must be > 0")
         check(self.batch_size >= 1 and self.micro_batch_size >= 1, "train.batch_size and micro_batch_size must be >= 1")
@@ -620,11 +621,12 @@ class RMEvalConfig:
     max_length: int = param(512, "max tokens of prompt + response (truncation as in training)")
     min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens")
     micro_batch_size: int = param(16, "sequences per forward pass")
-    precision: Literal["bf16", "fp32"] = param("bf16", "bf16 autocast or fp32")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
     errors: Literal["raise", "skip"] = param("raise", "bad rows: raise or skip (counted)")
     bootstrap: int = param(2000, "bootstrap resamples for the 95% confidence intervals")
 
     def validate(self):
+        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(bool(self.model), "model: a reward model folder is required (model=PATH)")
         check(bool(self.data), "data: a rankings file is required (data=PATH)")
         check(self.max_length > self.min_prompt_tokens, "max_length must exceed min_prompt_tokens")
