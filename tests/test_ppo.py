@@ -199,3 +199,20 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tiny_model_dir, pro
     drop = ("time_generate", "time_score", "time_train", "tokens_per_s")
     assert [{k: v for k, v in m.items() if k not in drop} for m in ma] == \
            [{k: v for k, v in m.items() if k not in drop} for m in mb]
+
+
+def test_trainable_layers_freezes_lower_blocks_of_policy_and_value(tiny_model_dir, prompts_file, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, out, "steps=2", "train.trainable_layers=1"),
+              reward_fn=good_fraction_reward)
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(out / "policy" / "model.safetensors"))
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    top = max(int(k.split(".")[2]) for k in before if k.startswith("model.layers."))
+    key = f"model.layers.{top}.mlp.up_proj.weight"
+    assert not torch.equal(before[key], after[key])
+    value = load_file(str(out / "value" / "model.safetensors"))
+    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], value["model.layers.0.mlp.up_proj.weight"])

@@ -118,3 +118,17 @@ def test_rm_score_selection_requires_a_reward_model(tiny_model_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="select.reward_model"):
         _cfg(tiny_model_dir, tmp_path / "run", "select.metric=rm_score")
+
+
+def test_trainable_layers_trains_only_the_top_blocks(tiny_model_dir, tmp_path):
+    """train.trainable_layers=1: the top block and final norm move, embeddings and lower blocks stay bitwise."""
+    from safetensors.torch import load_file
+
+    final = train_sft(_cfg(tiny_model_dir, tmp_path / "run", "train.epochs=1", "train.trainable_layers=1"))
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(Path(final) / "model.safetensors"))
+    n_layers = max(int(k.split(".")[2]) for k in before if k.startswith("model.layers.")) + 1
+    top = f"model.layers.{n_layers - 1}."
+    for k, v in before.items():
+        moved = not torch.equal(v, after[k])
+        assert moved == (k.startswith(top) or k == "model.norm.weight"), k

@@ -263,3 +263,39 @@ def make_adamw(params: list, lr: float, weight_decay: float = 0.0) -> torch.opti
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def freeze_lower_layers(model, trainable_layers: int) -> int:
+    """Train only the top ``trainable_layers`` blocks, the final norm and the head (-1 = everything).
+
+    Works for a causal LM and for a reward/value model (``AutoModelForSequenceClassification``).
+    The head is the scalar ``score`` of a reward model, or ``lm_head`` of a causal LM unless it is
+    tied to the input embeddings (SmolLM2): training it would then move the frozen embeddings too.
+    Frozen embeddings mean autograd starts at the first trainable block, so the backward pass
+    (about 2/3 of a step) shrinks with the trained share; the frozen blocks run forward only.
+    Returns the number of trainable parameters.
+    """
+    if trainable_layers >= 0:
+        trunk = getattr(model, model.base_model_prefix)
+        layers = getattr(trunk, "layers", None)
+        if layers is None:
+            raise ValueError(f"train.trainable_layers: cannot find the decoder layers of {type(trunk).__name__}")
+        if trainable_layers > len(layers):
+            raise ValueError(f"train.trainable_layers={trainable_layers} but the model has {len(layers)} blocks")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in list(layers)[len(layers) - trainable_layers:] if trainable_layers else []:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        for name, module in trunk.named_children():
+            if name in ("norm", "final_layernorm", "ln_f"):
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        head = getattr(model, "score", None)
+        if head is None and not getattr(model.config, "tie_word_embeddings", False):
+            head = getattr(model, "lm_head", None)
+        if head is not None:
+            for p in head.parameters():
+                p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+

@@ -73,10 +73,12 @@ class PipelineData:
     k_max: int = param(6, "most responses per ranking (paper: 9; 6 keeps the default run short)")
     overlap_fraction: float = param(0.25, "share of rankings also given to a second labeler, for agreement")
     draft_tokens: int = param(64, "base-model draft length for demonstrations (and the ptx corpus)")
+    n_drafts: int = param(2, "base-model drafts per SFT prompt; the labeler repairs each and keeps its favourite")
     max_new_tokens: int = param(64, "response length limit when sampling for rankings")
 
     def validate(self):
         check(2 <= self.k_min <= self.k_max, "data.k_min must be >= 2 and <= data.k_max")
+        check(self.n_drafts >= 1, "data.n_drafts must be >= 1")
         check(0 < self.heldout_user_fraction < 1, "data.heldout_user_fraction must be in (0, 1)")
         check(min(self.n_sft_prompts, self.n_rm_prompts, self.n_ppo_prompts, self.n_eval_prompts) >= 2,
               "data.n_*_prompts must each be >= 2")
@@ -87,6 +89,7 @@ class PipelineSFT:
     epochs: int = param(3, "SFT epochs (paper: 16 on far more data; 3 suffices for the constraint tasks)")
     lr: float = param(5e-5, "SFT peak learning rate")
     batch_size: int = param(8, "sequences per optimizer step")
+    trainable_layers: int = param(-1, "train only the top N blocks; -1 = all")
     extra: list[str] = param(factory=list, help="more `instructrl sft` overrides, e.g. [train.residual_dropout=0.1]")
 
 
@@ -109,6 +112,7 @@ class PipelinePPO:
     lr: float = param(1e-5, "policy learning rate")
     kl_coef: float = param(0.02, "β (InstructGPT: 0.02)")
     ptx_coef: float = param(1.0, "γ for the ppo_ptx variant (see docs/ppo.md for the scale)")
+    trainable_layers: int = param(-1, "train only the top N blocks of policy and value model; -1 = all")
     extra: list[str] = param(factory=list, help="more `instructrl ppo` overrides")
 
     def validate(self):
@@ -254,9 +258,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if want("demos", "demos"):
         with timed("demos"):
             tok, lm = load_tokenizer(base), load_causal_lm(base)
-            # Two base-model drafts per prompt: the labeler keeps the better after repair.
+            # n_drafts base-model drafts per prompt: the labeler keeps its favourite after repair.
             drafts = generate_texts(lm, tok, [t.to_prompt_record().messages for t in sft_tasks], d.draft_tokens,
-                                    seed=d.seed, n_per_prompt=2, precision=prec, desc="base drafts")
+                                    seed=d.seed, n_per_prompt=d.n_drafts, precision=prec, desc="base drafts")
             rng = random.Random(d.seed + 1)
             demos = [pool.write_demonstration(t, ds, rng) for t, ds in zip(sft_tasks, drafts)]
             write_jsonl(data_dir / "demonstrations.jsonl", (demonstration_row(x) for x in demos))
@@ -280,6 +284,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 f"model={base}", f"output_dir={out / 'sft'}", f"data.train={data_dir / 'demonstrations.jsonl'}",
                 f"train.epochs={cfg.sft.epochs}", f"train.lr={cfg.sft.lr}", f"train.batch_size={cfg.sft.batch_size}",
                 f"train.micro_batch_size={cfg.sft.batch_size}", f"train.precision={prec}", f"train.seed={d.seed}",
+                f"train.trainable_layers={cfg.sft.trainable_layers}",
                 *cfg.sft.extra,
             ])
             train_sft(sft_cfg)
@@ -301,9 +306,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 tok, lm = load_tokenizer(current), load_causal_lm(current)
                 rng = random.Random(d.seed * 1000 + r)
                 ks = [rng.randint(d.k_min, d.k_max) for _ in tasks_r]
-                samples = generate_texts(lm, tok, [t.to_prompt_record().messages for t in tasks_r], d.max_new_tokens,
-                                         seed=d.seed + r, n_per_prompt=d.k_max, precision=prec,
-                                         desc=f"round {r}: K samples")
+                # Exactly K_i samples for prompt i: the prompt is repeated K_i times, one sample each.
+                flat = generate_texts(lm, tok, [t.to_prompt_record().messages for t, k in zip(tasks_r, ks)
+                                                for _ in range(k)], d.max_new_tokens, seed=d.seed + r,
+                                      precision=prec, desc=f"round {r}: K samples")
+                samples, pos = [], 0
+                for k in ks:
+                    samples.append([x[0] for x in flat[pos:pos + k]])
+                    pos += k
                 rankings, sets = [], []
                 for t, k, s in zip(tasks_r, ks, samples):
                     try:
@@ -346,6 +356,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                         f"seed={d.seed + r}", f"rollout.batch_size={cfg.ppo.batch_size}",
                         f"rollout.max_new_tokens={d.max_new_tokens}", f"train.minibatch_size={cfg.ppo.minibatch_size}",
                         f"train.lr={cfg.ppo.lr}", f"kl.coef={cfg.ppo.kl_coef}", f"train.precision={prec}",
+                        f"train.trainable_layers={cfg.ppo.trainable_layers}",
                         *([f"ptx_data={data_dir / 'pretrain.jsonl'}", f"train.ptx_coef={cfg.ppo.ptx_coef}"]
                           if v == "ppo_ptx" else []),
                         *(["resume=true"] if (pdir / "checkpoints").exists() else []),

@@ -103,10 +103,12 @@ class PPOTrain:
     ptx_batch_size: int = param(4, "plain-text sequences per minibatch for the ptx term")
     ptx_max_tokens: int = param(256, "pretraining sequences are cut to this many tokens")
     precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
+    trainable_layers: int = param(-1, "train only the top N blocks (+ final norm, value head) of policy and value model; -1 = all")
 
     def validate(self):
         self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.epochs >= 1, "train.epochs must be >= 1")
+        check(self.trainable_layers >= -1, "train.trainable_layers must be -1 (all) or >= 0")
         check(self.minibatch_size >= 1 and self.micro_batch_size >= 1, "train.minibatch_size/micro_batch_size must be >= 1")
         check(self.lr > 0 and self.value_lr > 0, "train.lr and train.value_lr must be > 0")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "train.gamma and train.lam must be in [0, 1]")
@@ -317,7 +319,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     from instructrl.data import load_prompts, load_text_corpus
     from instructrl.formatting import TruncationStats, encode_prompt
     from instructrl.io import RunDir, atomic_dir
-    from instructrl.models import load_causal_lm, load_tokenizer, make_adamw, resolve_model
+    from instructrl.models import freeze_lower_layers, load_causal_lm, load_tokenizer, make_adamw, resolve_model
     from instructrl.reward import init_reward_model, load_reward_model, score as rm_score
 
     rc, kc, tc = cfg.rollout, cfg.kl, cfg.train
@@ -351,8 +353,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         value_model = init_reward_model(policy_path)
     for m in (policy, value_model):
         drop_stale_quantization(m)
-    policy_opt = make_adamw(list(policy.parameters()), tc.lr, tc.weight_decay)
-    value_opt = make_adamw(list(value_model.parameters()), tc.value_lr, tc.weight_decay)
+        freeze_lower_layers(m, tc.trainable_layers)
+    policy_opt = make_adamw([p for p in policy.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
+    value_opt = make_adamw([p for p in value_model.parameters() if p.requires_grad], tc.value_lr, tc.weight_decay)
     policy_sched, value_sched = warmup_schedule(policy_opt, tc.warmup_steps), warmup_schedule(value_opt, tc.warmup_steps)
     kl_ctl = rl_math.KLController(kc.coef, kc.adaptive, kc.target, kc.horizon)
 

@@ -228,32 +228,6 @@ class RewardScorer(torch.nn.Module):
         return score(self.model, input_ids, attention_mask)
 
 
-def freeze_lower_layers(model, trainable_layers: int) -> int:
-    """Train only the top ``trainable_layers`` blocks, the final norm and the head (-1 = everything).
-
-    Frozen embeddings mean autograd starts at the first trainable block, so the
-    backward pass (about 2/3 of a step) shrinks with the trained share. Returns
-    the number of trainable parameters.
-    """
-    if trainable_layers >= 0:
-        trunk = _trunk(model)
-        layers = getattr(trunk, "layers", None)
-        if layers is None:
-            raise ValueError(f"train.trainable_layers: cannot find the decoder layers of {type(trunk).__name__}")
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for layer in list(layers)[len(layers) - trainable_layers:] if trainable_layers else []:
-            for p in layer.parameters():
-                p.requires_grad_(True)
-        for name, module in trunk.named_children():
-            if name in ("norm", "final_layernorm", "ln_f"):
-                for p in module.parameters():
-                    p.requires_grad_(True)
-        for p in model.score.parameters():
-            p.requires_grad_(True)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # ---------------------------------------------------------------------------
 # Data: tokenized rankings and packed batches
 # ---------------------------------------------------------------------------
@@ -685,7 +659,7 @@ def train_rm(cfg: RMConfig) -> Path:
 
     from instructrl.io import RunDir, atomic_write_text
     from instructrl.losses import kwise_ranking_loss
-    from instructrl.models import load_tokenizer, make_adamw
+    from instructrl.models import freeze_lower_layers, load_tokenizer, make_adamw
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
     # 1. set-up ------------------------------------------------------------

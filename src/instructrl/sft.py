@@ -68,10 +68,12 @@ class SFTTrain:
     precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
     seed: int = param(0, "seed for shuffling, dropout and initialisation")
     train_prompt: bool = param(False, "also train on prompt tokens (the paper trains on responses only)")
+    trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm); -1 = all (the paper)")
 
     def validate(self):
         self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.epochs >= 1, "train.epochs must be >= 1")
+        check(self.trainable_layers >= -1, "train.trainable_layers must be -1 (all) or >= 0")
         check(self.lr > 0, "train.lr must be > 0")
         check(self.batch_size >= 1 and self.micro_batch_size >= 1, "train.batch_size and micro_batch_size must be >= 1")
         check(0 <= self.residual_dropout < 1, "train.residual_dropout must be in [0, 1)")
@@ -185,7 +187,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from instructrl.models import load_causal_lm, load_tokenizer, make_adamw
+    from instructrl.models import freeze_lower_layers, load_causal_lm, load_tokenizer, make_adamw
 
     # 1. set-up ------------------------------------------------------------
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -220,8 +222,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     model = load_causal_lm(cfg.model)
     model.config.use_cache = False
     add_residual_dropout(model, tc.residual_dropout)
+    freeze_lower_layers(model, tc.trainable_layers)
     model.train()
-    opt = make_adamw(list(model.parameters()), tc.lr, tc.weight_decay)
+    opt = make_adamw([p for p in model.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
     steps_per_epoch = math.ceil(len(train_ex) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     sched = cosine_schedule(opt, max(1, round(tc.warmup_ratio * total_steps)), total_steps, tc.min_lr_ratio)
