@@ -119,6 +119,27 @@ def test_sampling_respects_left_padding_and_eos(tiny_model_dir, tiny_tokenizer):
     assert g2.response_mask.sum() == 2
 
 
+def test_sampling_logprobs_equal_a_fresh_forward(tiny_model_dir, tiny_tokenizer):
+    """old_logprobs=sampling reuses the sampler's logits: they must match the recomputed ones (fp32)."""
+    from instructrl.models import load_causal_lm
+    from instructrl.ppo import gather_logprobs, response_logits, window
+    from instructrl import rl_math
+
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    tok = tiny_tokenizer
+    prompts = [tok(t)["input_ids"] for t in ("hello", "the quick brown fox jumps over", "a b")]
+    g = sample(model, prompts, 10, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(3),
+               temperature=0.7, return_logprobs=True)
+    rows, r = torch.arange(3), g.response.shape[1]
+    ids, am = window(g, rows, g.query.shape[1], r)
+    with torch.no_grad():
+        logits = response_logits(model, ids, am, r, 0.7)
+    m = g.response_mask
+    torch.testing.assert_close(g.logprobs, gather_logprobs(logits, g.response) * m, atol=1e-5, rtol=0)
+    torch.testing.assert_close(g.entropy, rl_math.entropy_from_logits(logits) * m, atol=1e-5, rtol=0)
+    assert (g.logprobs[m > 0] < 0).all() and (g.logprobs[m == 0] == 0).all()
+
+
 def test_stream_and_micro_batches():
     a = stream_indices(5, 0, 12, seed=3)
     assert sorted(a[:5]) == list(range(5)) and sorted(a[5:10]) == list(range(5))  # whole passes, each shuffled

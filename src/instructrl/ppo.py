@@ -55,6 +55,10 @@ class PPORollout:
     max_new_tokens: int = param(64, "response length limit")
     temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T = 1)")
     top_k: int = param(0, "sample from the k most likely tokens; 0 = full distribution (needed for an honest KL)")
+    old_logprobs: Literal["auto", "sampling", "recompute"] = param(
+        "auto", "π_old log-probs: 'sampling' reuses the logits sampling computed (TRL's way; saves one policy "
+                "forward per step), 'recompute' runs a fresh forward (ratio exactly 1 at the first update); "
+                "auto = sampling under fp32, where both agree to ~1e-6, recompute under bf16")
     missing_eos_penalty: float | None = param(
         None, "subtract this from the score of responses that hit max_new_tokens without EOS (TRL's trick); "
               "null = no penalty (the RM scores the truncated text as is)")
@@ -330,6 +334,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     amp = torch.bfloat16 if tc.precision == "bf16" else None
+    reuse_logprobs = rc.old_logprobs == "sampling" or (rc.old_logprobs == "auto" and amp is None)
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None)
@@ -379,7 +384,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         if not ptx_ids:
             raise ConfigError(f"ptx_data: {cfg.ptx_data} has no text of 2 or more tokens")
     run.info(f"{len(prompt_ids)} prompts ({trunc.prompts_cut} cut from the left to {rc.max_prompt_tokens} tokens); "
-             + (f"PPO-ptx with γ={tc.ptx_coef} on {len(ptx_ids)} texts" if ptx_ids else "plain PPO (no ptx term)"))
+             + (f"PPO-ptx with γ={tc.ptx_coef} on {len(ptx_ids)} texts" if ptx_ids else "plain PPO (no ptx term)")
+             + f"; old log-probs {'from sampling' if reuse_logprobs else 'recomputed'}")
 
     # --- state that checkpoints carry ---
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -416,7 +422,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         prompt_pos += B
         policy.eval()
         g = sample(policy, [prompt_ids[i] for i in idx], rc.max_new_tokens, eos_id, pad_id, gen,
-                   rc.temperature, rc.top_k, amp)
+                   rc.temperature, rc.top_k, amp, return_logprobs=reuse_logprobs)
         policy.train()
         mask = g.response_mask  # [B, R]
         R = mask.shape[1]
@@ -429,10 +435,13 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
             for rows, p, r in micro_batches(torch.arange(B), g.query_mask, mask, tc.micro_batch_size):
                 ids, am = window(g, rows, p, r)
                 tokens = g.response[rows, :r]
-                logits = response_logits(policy, ids, am, r, rc.temperature)
-                logprobs[rows, :r] = gather_logprobs(logits, tokens)
-                entropy[rows, :r] = rl_math.entropy_from_logits(logits)
-                del logits
+                if reuse_logprobs:
+                    logprobs[rows, :r], entropy[rows, :r] = g.logprobs[rows, :r], g.entropy[rows, :r]
+                else:
+                    logits = response_logits(policy, ids, am, r, rc.temperature)
+                    logprobs[rows, :r] = gather_logprobs(logits, tokens)
+                    entropy[rows, :r] = rl_math.entropy_from_logits(logits)
+                    del logits
                 ref_logprobs[rows, :r] = gather_logprobs(response_logits(ref, ids, am, r, rc.temperature), tokens)
                 values[rows, :r] = response_values(value_model, ids, am, r).float()
                 if rm is not None:

@@ -28,6 +28,9 @@ class Generation:
     response:      [B, R] long, right-padded (pad id after the EOS)
     response_mask: [B, R] float, 1 on real response tokens, the EOS included
     ended:         [B] bool, True where the response ended with EOS within the limit
+    logprobs:      [B, R] float or None, log π(token t) under the sampling distribution softmax(logits / T)
+                   (before any top-k cut), 0 on padding; filled only when sampling was asked for it
+    entropy:       [B, R] float or None, entropy of softmax(logits / T) at each response step, 0 on padding
     """
 
     query: torch.Tensor
@@ -35,6 +38,8 @@ class Generation:
     response: torch.Tensor
     response_mask: torch.Tensor
     ended: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:  # [B, P + R]
@@ -89,7 +94,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def sample(
     model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
     generator: torch.Generator, temperature: float = 1.0, top_k: int = 0,
-    autocast_dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | None = None, return_logprobs: bool = False,
 ) -> Generation:
     """Sample one response per prompt with a KV cache; stop each row at EOS.
 
@@ -103,6 +108,10 @@ def sample(
     Missing-EOS rule: a response that reaches ``max_new_tokens`` without EOS is
     kept as is (no EOS appended) and flagged ``ended = False``; PPO can give it
     a fixed score penalty (``PPOConfig.missing_eos_penalty``).
+
+    ``return_logprobs``: also return each sampled token's log-prob and the entropy
+    of the tempered distribution, from the logits sampling computed anyway (PPO's
+    "old" log-probs without a second policy forward, as TRL does).
     """
     from transformers import DynamicCache
 
@@ -112,7 +121,7 @@ def sample(
     B = query.shape[0]
     cache = DynamicCache(config=model.config)
     attn = query_mask
-    tokens = []
+    tokens, token_logps, entropies = [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ctx = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     with ctx:
@@ -123,6 +132,9 @@ def sample(
             logits = out.logits[:, -1, :].float()
             if temperature != 1.0:
                 logits = logits / temperature
+            if return_logprobs:
+                logp = torch.log_softmax(logits, dim=-1)
+                entropies.append(-(logp.exp() * logp).sum(-1))
             if top_k > 0:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -130,6 +142,8 @@ def sample(
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             tokens.append(nxt)
+            if return_logprobs:
+                token_logps.append(logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
             done = done | (nxt == eos_id)
             if bool(done.all()):
                 break
@@ -143,4 +157,8 @@ def sample(
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     response_mask = (~after_eos).float()
     response = response.masked_fill(after_eos, pad_id)
-    return Generation(query, query_mask, response, response_mask, is_eos.any(1))
+    logprobs = entropy = None
+    if return_logprobs:
+        logprobs = torch.stack(token_logps, 1) * response_mask
+        entropy = torch.stack(entropies, 1) * response_mask
+    return Generation(query, query_mask, response, response_mask, is_eos.any(1), logprobs, entropy)
