@@ -25,7 +25,7 @@ def decode_responses(tok, response: torch.Tensor, response_mask: torch.Tensor) -
 @torch.no_grad()
 def generate_texts(
     model, tok, prompts: list[Messages], max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
-    batch_size: int = 16, n_per_prompt: int = 1, max_prompt_tokens: int = 256, precision: str = "bf16",
+    batch_size: int = 64, n_per_prompt: int = 1, max_prompt_tokens: int = 256, precision: str = "bf16",
     desc: str = "sampling",
 ) -> list[list[str]]:
     """``n_per_prompt`` sampled responses for each prompt: a list (per prompt) of lists of strings.

@@ -46,16 +46,18 @@ PRESETS: dict[str, list[str]] = {
     "default": [],
     # ~5 minutes on 2 cores: enough to watch every stage run, too small for the acceptance statistics.
     "quick": [
-        "data.n_sft_prompts=48", "data.n_rm_prompts=24", "data.n_ppo_prompts=32", "data.n_eval_prompts=24",
-        "data.k_max=4", "data.draft_tokens=48", "sft.epochs=2", "ppo.steps=6", "ppo.variants=[ppo_ptx]",
-        "eval.best_of_n=2", "eval.max_new_tokens=48",
+        "data.n_sft_prompts=48", "data.n_drafts=1", "data.n_rm_prompts=24", "data.n_ppo_prompts=32",
+        "data.n_eval_prompts=32", "data.k_max=4", "data.draft_tokens=48", "data.max_new_tokens=48",
+        "sft.epochs=2", "sft.trainable_layers=12", "rm.trainable_layers=8", "ppo.steps=4",
+        "ppo.variants=[ppo_ptx]", "ppo.trainable_layers=8", "eval.best_of_n=2", "eval.max_new_tokens=48",
     ],
     # for tests: tiny model, seconds
     "tiny": [
         "data.n_sft_prompts=12", "data.n_rm_prompts=8", "data.n_ppo_prompts=8", "data.n_eval_prompts=6",
         "data.k_max=4", "data.draft_tokens=12", "data.max_new_tokens=12", "sft.epochs=2", "sft.batch_size=4",
         "rm.batch_size=4", "ppo.steps=2", "ppo.batch_size=4", "ppo.minibatch_size=4", "eval.best_of_n=2",
-        "eval.max_new_tokens=12", "eval.bootstrap=100",
+        "eval.max_new_tokens=12", "eval.bootstrap=100", "sft.trainable_layers=-1", "rm.trainable_layers=-1",
+        "ppo.trainable_layers=-1",
     ],
 }
 
@@ -65,7 +67,7 @@ class PipelineData:
     seed: int = param(0, "seed for tasks, users, labelers and sampling")
     n_users: int = param(400, "simulated users the prompts come from (Zipf-distributed activity)")
     heldout_user_fraction: float = param(0.2, "share of users whose prompts are used only for evaluation")
-    n_sft_prompts: int = param(192, "prompts with demonstrations (SFT data)")
+    n_sft_prompts: int = param(128, "prompts with demonstrations (SFT data)")
     n_rm_prompts: int = param(64, "prompts ranked per round (RM data)")
     n_ppo_prompts: int = param(128, "prompts for PPO (no labels needed)")
     n_eval_prompts: int = param(96, "held-out users' prompts for evaluation")
@@ -86,10 +88,10 @@ class PipelineData:
 
 @dataclass
 class PipelineSFT:
-    epochs: int = param(3, "SFT epochs (paper: 16 on far more data; 3 suffices for the constraint tasks)")
+    epochs: int = param(2, "SFT epochs (paper: 16 on far more data; 2 suffices for the constraint tasks)")
     lr: float = param(5e-5, "SFT peak learning rate")
     batch_size: int = param(8, "sequences per optimizer step")
-    trainable_layers: int = param(-1, "train only the top N blocks; -1 = all")
+    trainable_layers: int = param(12, "train only the top N of SmolLM2's 30 blocks (backward stops there); -1 = all")
     extra: list[str] = param(factory=list, help="more `instructrl sft` overrides, e.g. [train.residual_dropout=0.1]")
 
 
@@ -98,7 +100,7 @@ class PipelineRM:
     lr: float = param(3e-5, "RM learning rate")
     batch_size: int = param(8, "rankings per optimizer step")
     epochs: int = param(1, "passes over the rankings (paper: 1)")
-    trainable_layers: int = param(-1, "train only the top N blocks (+ head); -1 = all")
+    trainable_layers: int = param(8, "train only the top N blocks (+ head); -1 = all")
     extra: list[str] = param(factory=list, help="more `instructrl rm` overrides")
 
 
@@ -106,13 +108,13 @@ class PipelineRM:
 class PipelinePPO:
     variants: list[str] = param(factory=lambda: ["ppo", "ppo_ptx"],
                                 help="which policies to train: ppo (γ = 0) and/or ppo_ptx (γ = ptx_coef)")
-    steps: int = param(24, "PPO steps per round")
+    steps: int = param(10, "PPO steps per round")
     batch_size: int = param(16, "prompts per PPO step")
     minibatch_size: int = param(8, "episodes per optimizer step")
-    lr: float = param(1e-5, "policy learning rate")
+    lr: float = param(2e-5, "policy learning rate")
     kl_coef: float = param(0.02, "β (InstructGPT: 0.02)")
     ptx_coef: float = param(1.0, "γ for the ppo_ptx variant (see docs/ppo.md for the scale)")
-    trainable_layers: int = param(-1, "train only the top N blocks of policy and value model; -1 = all")
+    trainable_layers: int = param(8, "train only the top N blocks of policy and value model; -1 = all")
     extra: list[str] = param(factory=list, help="more `instructrl ppo` overrides")
 
     def validate(self):

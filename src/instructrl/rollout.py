@@ -12,6 +12,8 @@ read at sequence position ``P − 1 + t``.
 
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -91,6 +93,33 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
+@contextmanager
+def _requires_grad(params: list[torch.Tensor]):
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw one index per row from softmax(logits) by inverting the CDF.
+
+    logits: [B, V] (``-inf`` = excluded) -> [B] long. Exactly the categorical
+    distribution, like ``torch.multinomial``, but it draws B uniforms instead of
+    B·V random numbers: on a 49k vocabulary, 0.7 ms instead of 28 ms a decode
+    step on 2 CPU cores (multinomial's cost was a third of the whole step).
+    The CDF is accumulated in float64 so tail tokens keep their probability.
+    """
+    cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1)
+    u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device)
+    # the first index whose CDF exceeds u; zero-probability tokens never are (CDF flat there)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    return idx.clamp_(max=logits.shape[-1] - 1)
+
+
 def sample(
     model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
     generator: torch.Generator, temperature: float = 1.0, top_k: int = 0,
@@ -120,12 +149,18 @@ def sample(
     query, query_mask = query.to(device), query_mask.to(device)
     B = query.shape[0]
     cache = DynamicCache(config=model.config)
+    # transformers renamed `past_key_values` to `cache` (5.24 warns, 5.40 drops the old name)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     attn = query_mask
     tokens, token_logps, entropies = [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ctx = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    with ctx:
-        out = model(input_ids=query, attention_mask=attn, position_ids=position_ids(attn), past_key_values=cache,
+    # Autocast caches a weight's bf16 copy for the whole loop only if the weight requires grad;
+    # frozen weights (a reference model, layers below train.trainable_layers) would be re-cast at
+    # every token: 10.2 s instead of 6.0 s for 16 x 64 tokens. Mark them for the loop, restore after.
+    frozen = [p for p in model.parameters() if not p.requires_grad] if autocast_dtype is not None else []
+    with _requires_grad(frozen), ctx:
+        out = model(input_ids=query, attention_mask=attn, position_ids=position_ids(attn), **{cache_kw: cache},
                     use_cache=True, logits_to_keep=1)
         next_pos = position_ids(attn)[:, -1:] + 1
         for _ in range(max_new_tokens):
@@ -138,8 +173,7 @@ def sample(
             if top_k > 0:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = sample_categorical(logits, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             tokens.append(nxt)
             if return_logprobs:
@@ -149,7 +183,7 @@ def sample(
                 break
             attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
             out = model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=next_pos,
-                        past_key_values=cache, use_cache=True)
+                        use_cache=True, **{cache_kw: cache})
             next_pos = next_pos + 1
     response = torch.stack(tokens, 1)
     # real tokens: everything up to and including the first EOS
