@@ -9,8 +9,9 @@ stop at EOS; one PPO epoch, one minibatch of 16 in micro-batches of 4; k1 KL, β
 Each configuration runs in its own process (peak RSS is per process). Every step covers different
 prompts; both sides see the same 16·steps prompts overall, so the mean over all steps is comparable.
 
-TRL differences, stated: TRL takes the old log-probs from the generation logits (we recompute them
-with one forward, so that ratio = 1 exactly at the first update); TRL runs one optimizer over
+TRL differences, stated: TRL takes the old log-probs from the generation logits; so do we under fp32
+(`rollout.old_logprobs=auto`), while under bf16 we recompute them with one forward so that the ratio
+is exactly 1 at the first update; TRL runs one optimizer over
 policy + value (loss = pg + 0.1·vf), we run two; TRL's `bf16=True` is ignored by its PPO trainer,
 so "trl-bf16" sets ACCELERATE_MIXED_PRECISION=bf16, which autocasts only its training forward
 (generation, reference, value and reward forwards stay fp32), while our bf16 autocasts every forward.

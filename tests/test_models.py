@@ -189,3 +189,21 @@ def test_convert_embedded_default(tmp_path):
                                   add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     gen = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(gen[0, len(ids):])
+
+
+def test_autocast_weight_cache_restores_frozen_flags_and_changes_no_output():
+    import torch
+
+    from instructrl.models import autocast_weight_cache
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    lin[0].requires_grad_(False)
+    x = torch.randn(3, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = lin(x)
+    with torch.inference_mode(), autocast_weight_cache(lin), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(p.requires_grad for p in lin.parameters())
+        cached = lin(x)
+    assert torch.equal(plain, cached)
+    assert [p.requires_grad for p in lin.parameters()] == [False, False, True, True]

@@ -10,6 +10,7 @@ plain safetensors checkpoint under ``$INSTRUCTRL_HOME`` (default
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 import json
 
 import os
@@ -299,3 +300,23 @@ def freeze_lower_layers(model, trainable_layers: int) -> int:
                 p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+
+
+@contextmanager
+def autocast_weight_cache(*modules: torch.nn.Module):
+    """Let autocast cast each frozen weight to bf16 once per ``with torch.autocast`` block.
+
+    Autocast keeps a weight's low-precision copy for the rest of the block only when the weight
+    requires grad; a frozen weight (a reference model, an RM, layers below ``trainable_layers``) is
+    re-cast at every forward, i.e. at every generated token. Marking frozen weights as requiring grad
+    for the block (under no_grad/inference_mode nothing is recorded) and restoring them afterwards
+    gives the cache back: 16 x 64 tokens in 6.0 s instead of 10.2 s on 2 cores.
+    """
+    frozen = [p for m in modules for p in m.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)

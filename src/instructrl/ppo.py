@@ -323,7 +323,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     from instructrl.data import load_prompts, load_text_corpus
     from instructrl.formatting import TruncationStats, encode_prompt
     from instructrl.io import RunDir, atomic_dir
-    from instructrl.models import freeze_lower_layers, load_causal_lm, load_tokenizer, make_adamw, resolve_model
+    from instructrl.models import autocast_weight_cache, freeze_lower_layers, load_causal_lm, load_tokenizer, make_adamw, resolve_model
     from instructrl.reward import init_reward_model, load_reward_model, score as rm_score
 
     rc, kc, tc = cfg.rollout, cfg.kl, cfg.train
@@ -431,7 +431,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         # ---- 2. score: old log-probs, reference log-probs, entropy, values, RM score (no grad) ----
         logprobs, ref_logprobs, entropy, values = (torch.zeros(B, R) for _ in range(4))
         scores = torch.zeros(B)
-        with torch.inference_mode(), autocast():
+        frozen_models = [m for m in (policy, ref, value_model, rm) if m is not None] if amp is not None else []
+        with torch.inference_mode(), autocast_weight_cache(*frozen_models), autocast():
             for rows, p, r in micro_batches(torch.arange(B), g.query_mask, mask, tc.micro_batch_size):
                 ids, am = window(g, rows, p, r)
                 tokens = g.response[rows, :r]
