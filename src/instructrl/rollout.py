@@ -93,7 +93,6 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-@torch.inference_mode()
 def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Draw one index per row from softmax(logits) by inverting the CDF.
 
@@ -110,6 +109,7 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torc
     return idx.clamp_(max=logits.shape[-1] - 1)
 
 
+@torch.inference_mode()
 def sample(
     model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
     generator: torch.Generator, temperature: float = 1.0, top_k: int = 0,
