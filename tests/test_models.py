@@ -200,9 +200,9 @@ def test_autocast_weight_cache_restores_frozen_flags_and_changes_no_output():
     lin = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     lin[0].requires_grad_(False)
     x = torch.randn(3, 8)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = lin(x)
-    with torch.inference_mode(), autocast_weight_cache(lin), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast_weight_cache(lin), torch.autocast("cpu", dtype=torch.bfloat16):
         assert all(p.requires_grad for p in lin.parameters())
         cached = lin(x)
     assert torch.equal(plain, cached)

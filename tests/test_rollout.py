@@ -39,7 +39,7 @@ def test_reproducible_from_the_generator():
 
 
 def test_sampling_records_no_autograd_graph(tiny_model_dir):
-    """sample() runs under inference_mode: a graph over 64 decode steps held ~9 GB on SmolLM2."""
+    """sample() runs under no_grad: a graph over 64 decode steps held ~9 GB on SmolLM2."""
     from instructrl.models import load_causal_lm
     from instructrl.rollout import sample
 
@@ -47,5 +47,4 @@ def test_sampling_records_no_autograd_graph(tiny_model_dir):
     assert any(p.requires_grad for p in model.parameters())
     g = sample(model, [[1, 2, 3], [4, 5]], 4, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0),
                return_logprobs=True)
-    assert g.response.is_inference() and g.logprobs.is_inference()
-    assert not g.logprobs.requires_grad
+    assert not g.logprobs.requires_grad and g.logprobs.grad_fn is None

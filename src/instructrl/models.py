@@ -309,7 +309,7 @@ def autocast_weight_cache(*modules: torch.nn.Module):
     Autocast keeps a weight's low-precision copy for the rest of the block only when the weight
     requires grad; a frozen weight (a reference model, an RM, layers below ``trainable_layers``) is
     re-cast at every forward, i.e. at every generated token. Marking frozen weights as requiring grad
-    for the block (under no_grad/inference_mode nothing is recorded) and restoring them afterwards
+    for the block (under no_grad nothing is recorded; under inference_mode autocast caches nothing at all) and restoring them afterwards
     gives the cache back: 16 x 64 tokens in 6.0 s instead of 10.2 s on 2 cores.
     """
     frozen = [p for m in modules for p in m.parameters() if not p.requires_grad]

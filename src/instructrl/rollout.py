@@ -109,7 +109,9 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torc
     return idx.clamp_(max=logits.shape[-1] - 1)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: autocast does not cache weight casts under inference_mode, so every
+# decode step would re-cast all weights (13.8 s vs 9.0 s a PPO rollout of 16 x 64 tokens).
+@torch.no_grad()
 def sample(
     model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
     generator: torch.Generator, temperature: float = 1.0, top_k: int = 0,
