@@ -431,8 +431,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         # ---- 2. score: old log-probs, reference log-probs, entropy, values, RM score (no grad) ----
         logprobs, ref_logprobs, entropy, values = (torch.zeros(B, R) for _ in range(4))
         scores = torch.zeros(B)
-        frozen_models = [m for m in (policy, ref, value_model, rm) if m is not None] if amp is not None else []
-        with torch.no_grad(), autocast_weight_cache(*frozen_models), autocast():  # no_grad: see rollout.sample
+        scoring_models = [m for m in (policy, ref, value_model, rm) if m is not None] if amp is not None else []
+        with torch.no_grad(), autocast_weight_cache(*scoring_models), autocast():  # no_grad: see rollout.sample
             for rows, p, r in micro_batches(torch.arange(B), g.query_mask, mask, tc.micro_batch_size):
                 ids, am = window(g, rows, p, r)
                 tokens = g.response[rows, :r]

@@ -98,7 +98,7 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torc
 
     logits: [B, V] (``-inf`` = excluded) -> [B] long. Exactly the categorical
     distribution, like ``torch.multinomial``, but it draws B uniforms instead of
-    B·V random numbers: on a 49k vocabulary, 0.7 ms instead of 28 ms a decode
+    B·V random numbers: on a 16 x 49k batch, 2.3 ms instead of 28 ms a decode
     step on 2 CPU cores (multinomial's cost was a third of the whole step).
     The CDF is accumulated in float64 so tail tokens keep their probability.
     """
