@@ -7,12 +7,17 @@ cheaper than treating each comparison as its own pair of sequences
 ranking data. Same synthetic rankings, same model (the embedded
 SmolLM2-135M-Instruct), bf16 autocast, ~100-token sequences, every weight trained.
 
-    flock /tmp/instructrl-heavy.lock .venv/bin/python benchmarks/bench_rm_speed.py [--rankings 2] [--no-trl]
+    flock /tmp/instructrl-heavy.lock .venv/bin/python benchmarks/bench_rm_speed.py [--steps 2] [--per-step 4] [--no-trl]
 
-Prints sequence passes and wall time per ranking (one optimizer step per
-ranking, modes interleaved, first step of each discarded as warm-up, median
-reported) and the ratio; with
-``trl`` importable also times TRL's RewardTrainer on the expanded pairs.
+Prints sequence passes and wall time per ranking and the ratio. Both modes
+take the same ``--per-step`` rankings per optimizer step, as training does
+(`instructrl rm` steps on a batch of rankings; InstructGPT used 64), and pack
+their sequences into forward passes of the same size (``--micro``); the
+modes alternate step by step, the first step of each is a warm-up, and the
+median step is reported. ``--per-step 1`` gives the per-ranking worst case,
+where the fixed cost of every optimizer step (gradient clipping and AdamW over
+all 135M weights, ~0.2 s) is paid by a single ranking. With ``trl``
+importable it also times TRL's RewardTrainer on the expanded pairs.
 """
 
 from __future__ import annotations
@@ -127,7 +132,8 @@ def time_trl(model_factory, tok, rankings, k: int, pairs_per_step: int) -> tuple
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 9])
-    ap.add_argument("--rankings", type=int, default=3, help="timed rankings per K and mode (plus 1 warm-up); median reported")
+    ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps per K and mode (plus 1 warm-up); median reported")
+    ap.add_argument("--per-step", type=int, default=4, help="rankings per optimizer step (both modes)")
     ap.add_argument("--length", type=int, default=100, help="approximate tokens per sequence")
     ap.add_argument("--micro", type=int, default=18, help="sequences per forward pass (both modes)")
     ap.add_argument("--no-trl", action="store_true", help="skip TRL's RewardTrainer even if installed")
@@ -137,22 +143,28 @@ def main() -> None:
     model.config.use_cache = False
     pad_id = model.config.pad_token_id
     print(f"model: default (SmolLM2-135M-Instruct) bf16 autocast, {torch.get_num_threads()} threads, "
-          f"~{args.length}-token sequences, {args.rankings} timed rankings per K and mode\n")
+          f"~{args.length}-token sequences, {args.per_step} rankings per optimizer step, {args.micro} sequences "
+          f"per forward pass, {args.steps} timed steps per K and mode\n")
     results = []
     for k in args.ks:
-        raw = synthetic_rankings(tok, args.rankings + 1, k, seed=k, length=args.length)
+        n = args.per_step
+        raw = synthetic_rankings(tok, (args.steps + 1) * n, k, seed=k, length=args.length)
         items = tokenize(tok, raw, 4 * args.length)
         mean_len = statistics.mean(len(s) for it in items for s in it.seqs)
         # Interleaved (K-wise, pairs, K-wise, pairs, ...) so that load from other processes hits both alike;
-        # the first pair of steps is a warm-up.
+        # the first pair of steps is a warm-up. Times are per ranking: step time / rankings per step.
         opt = make_adamw(list(model.parameters()), 1e-6)
         kw, pw = [], []
-        for it in items:
-            kw.append(train_step(model, opt, pad_id, [it], 1, args.micro))
-            pw.append(train_step(model, opt, pad_id, expand_pairs(it), math.comb(k, 2), args.micro))
+        for i in range(0, len(items), n):
+            group = items[i: i + n]
+            t, p = train_step(model, opt, pad_id, group, n, args.micro)
+            kw.append((t / n, p / n))
+            pairs = [pair for it in group for pair in expand_pairs(it)]
+            t, p = train_step(model, opt, pad_id, pairs, n * math.comb(k, 2), args.micro)
+            pw.append((t / n, p / n))
         kw, pw = kw[1:], pw[1:]
-        t_k, p_k = statistics.median(t for t, _ in kw), kw[0][1]
-        t_p, p_p = statistics.median(t for t, _ in pw), pw[0][1]
+        t_k, p_k = statistics.median(t for t, _ in kw), round(kw[0][1])
+        t_p, p_p = statistics.median(t for t, _ in pw), round(pw[0][1])
         row = {"k": k, "mean_tokens": mean_len, "kwise_passes": p_k, "kwise_s": t_k, "pairs_passes": p_p,
                "pairs_s": t_p, "ratio": t_p / t_k}
         print(f"K={k}: mean {mean_len:.0f} tokens/sequence")
@@ -169,7 +181,7 @@ def main() -> None:
             print()
             for row in results:
                 k = row["k"]
-                raw = synthetic_rankings(tok, args.rankings + 1, k, seed=k, length=args.length)
+                raw = synthetic_rankings(tok, (args.steps + 1) * args.per_step, k, seed=k, length=args.length)
                 trl_tok = load_tokenizer(None)
                 trl_tok.pad_token = trl_tok.convert_ids_to_tokens(pad_id)  # HF pools at the rightmost non-pad token
                 t_trl, n_pairs, ver = time_trl(lambda: init_reward_model(None), trl_tok, raw, k, args.micro // 2)

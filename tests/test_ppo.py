@@ -95,6 +95,56 @@ def test_nonfinite_update_is_skipped_counted_and_never_saved(tiny_model_dir, pro
             assert torch.isfinite(t).all(), (sub, name)
 
 
+def test_micro_and_scoring_batch_sizes_do_not_change_the_result(tiny_model_dir, prompts_file, tmp_path):
+    """Invariance: how the batch is split for forward passes (training micro-batches, no-grad scoring
+    batches) is a speed/memory knob only; the metrics and the trained weights agree to float tolerance."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, micro, score in (("whole", 8, 16), ("split", 2, 4)):
+        out = tmp_path / name
+        train_ppo(tiny_cfg(tiny_model_dir, prompts_file, out, "steps=2", f"train.micro_batch_size={micro}",
+                           f"train.score_batch_size={score}"), reward_fn=good_fraction_reward)
+        runs[name] = (metrics(out), load_file(out / "policy" / "model.safetensors"))
+    (ma, wa), (mb, wb) = runs["whole"], runs["split"]
+    for ra, rb in zip(ma, mb):
+        for key in ("score", "kl", "pg_loss", "vf_loss", "explained_variance"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+def test_one_autocast_context_over_micro_batches_gives_the_same_gradients(tiny_model_dir):
+    """PPO's training phase keeps one bf16 autocast context open over all micro-batches of an optimizer
+    step (each weight is cast once, not once per micro-batch); the gradients must equal those of one
+    context per micro-batch, bitwise."""
+    from instructrl.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    xs = [torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def loss(x):
+        return model(input_ids=x, use_cache=False).logits.float().logsumexp(-1).mean()
+
+    def grads(one_context):
+        model.zero_grad(set_to_none=True)
+        if one_context:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                for x in xs:
+                    loss(x).backward()
+        else:
+            for x in xs:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    l = loss(x)
+                l.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    per_micro, shared = grads(False), grads(True)
+    assert per_micro.keys() == shared.keys() and per_micro
+    for n in per_micro:
+        assert torch.equal(per_micro[n], shared[n]), n
+
+
 def test_sampling_respects_left_padding_and_eos(tiny_model_dir, tiny_tokenizer):
     from instructrl.models import load_causal_lm
 

@@ -316,7 +316,8 @@ def encode_prompts(tok, messages_list: Sequence[list[dict]], max_prompt_tokens: 
     return [encode_prompt(tok, m)[-max_prompt_tokens:] for m in messages_list]
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: under inference_mode autocast caches no weight casts (rollout.sample).
+@torch.no_grad()
 def generate(model, tok, prompt_ids: Sequence[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False, batch_size: int = 16, seed: int = 0, amp: torch.dtype | None = None,
              ref=None, micro_batch_size: int = 8, desc: str | None = None) -> Samples:
@@ -328,6 +329,7 @@ def generate(model, tok, prompt_ids: Sequence[list[int]], *, max_new_tokens: int
     """
     from tqdm.auto import tqdm
 
+    from instructrl.models import autocast_weight_cache
     from instructrl.ppo import gather_logprobs, micro_batches, response_logits, window
     from instructrl.rollout import sample
 
@@ -351,7 +353,7 @@ def generate(model, tok, prompt_ids: Sequence[list[int]], *, max_new_tokens: int
         mask = g.response_mask
         if ref is not None:
             kl = torch.zeros(len(idx))
-            with _autocast(amp):
+            with autocast_weight_cache(model, ref), _autocast(amp):
                 for rows, p, r in micro_batches(torch.arange(len(idx)), g.query_mask, mask, micro_batch_size):
                     ids, am = window(g, rows, p, r)
                     toks = g.response[rows, :r]
@@ -382,7 +384,7 @@ def generate_responses(model, tok, messages_list: Sequence[list[dict]], *, max_n
                     batch_size=batch_size, seed=seed, amp=amp, desc=desc).texts
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def rm_scores(rm, rm_tok, messages_list: Sequence[list[dict]], texts: Sequence[str], ended: Sequence[bool],
               max_prompt_tokens: int, micro_batch_size: int = 8, amp: torch.dtype | None = None,
               desc: str | None = None) -> list[float]:
@@ -393,6 +395,7 @@ def rm_scores(rm, rm_tok, messages_list: Sequence[list[dict]], texts: Sequence[s
     from tqdm.auto import tqdm
 
     from instructrl.formatting import encode_response, pad
+    from instructrl.models import autocast_weight_cache
     from instructrl.reward import score
 
     rm.eval()
@@ -401,17 +404,17 @@ def rm_scores(rm, rm_tok, messages_list: Sequence[list[dict]], texts: Sequence[s
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = [0.0] * len(seqs)
     pad_id = rm.config.pad_token_id
-    for start in tqdm(range(0, len(seqs), micro_batch_size), desc=desc, disable=desc is None, leave=False):
-        idx = order[start:start + micro_batch_size]
-        ids, mask = pad([seqs[i] for i in idx], pad_id, "right")
-        with _autocast(amp):
+    with autocast_weight_cache(rm), _autocast(amp):  # one block: each weight cast to bf16 once
+        for start in tqdm(range(0, len(seqs), micro_batch_size), desc=desc, disable=desc is None, leave=False):
+            idx = order[start:start + micro_batch_size]
+            ids, mask = pad([seqs[i] for i in idx], pad_id, "right")
             s = score(rm, ids, mask).float()
-        for j, i in enumerate(idx):
-            out[i] = float(s[j])
+            for j, i in enumerate(idx):
+                out[i] = float(s[j])
     return out
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def text_logliks(model, tok, texts: Sequence[str], max_tokens: int, micro_batch_size: int = 8,
                  amp: torch.dtype | None = None) -> tuple[list[float], list[int]]:
     """Per text: (Σ log p(token_t | tokens_<t), number of predicted tokens), the first token unpredicted.

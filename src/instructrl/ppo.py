@@ -91,6 +91,9 @@ class PPOTrain:
     epochs: int = param(1, "PPO epochs per rollout batch; 1 because DeepSpeed-Chat reports more were unstable")
     minibatch_size: int = param(8, "episodes per optimizer step (rollout.batch_size must be a multiple)")
     micro_batch_size: int = param(4, "sequences per forward/backward; sorted by length and trimmed to cut padding")
+    score_batch_size: int = param(16, "sequences per forward in the no-grad scoring phase (old/reference "
+                                      "log-probs, values, RM); it keeps no activations, so it can exceed "
+                                      "micro_batch_size: fewer, fuller matmuls (TRL: local_rollout_forward_batch_size)")
     lr: float = param(1e-6, "policy learning rate (Adam)")
     value_lr: float = param(1e-5, "value model learning rate (Adam)")
     warmup_steps: int = param(10, "linear LR warm-up in PPO steps, from lr/10 (InstructGPT: 10 iterations)")
@@ -113,7 +116,8 @@ class PPOTrain:
         self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.epochs >= 1, "train.epochs must be >= 1")
         check(self.trainable_layers >= -1, "train.trainable_layers must be -1 (all) or >= 0")
-        check(self.minibatch_size >= 1 and self.micro_batch_size >= 1, "train.minibatch_size/micro_batch_size must be >= 1")
+        check(self.minibatch_size >= 1 and self.micro_batch_size >= 1 and self.score_batch_size >= 1,
+              "train.minibatch_size/micro_batch_size/score_batch_size must be >= 1")
         check(self.lr > 0 and self.value_lr > 0, "train.lr and train.value_lr must be > 0")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "train.gamma and train.lam must be in [0, 1]")
         check(self.cliprange > 0 and self.cliprange_value > 0, "train.cliprange and cliprange_value must be > 0")
@@ -433,7 +437,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         scores = torch.zeros(B)
         scoring_models = [m for m in (policy, ref, value_model, rm) if m is not None] if amp is not None else []
         with torch.no_grad(), autocast_weight_cache(*scoring_models), autocast():  # no_grad: see rollout.sample
-            for rows, p, r in micro_batches(torch.arange(B), g.query_mask, mask, tc.micro_batch_size):
+            for rows, p, r in micro_batches(torch.arange(B), g.query_mask, mask, tc.score_batch_size):
                 ids, am = window(g, rows, p, r)
                 tokens = g.response[rows, :r]
                 if reuse_logprobs:
@@ -478,40 +482,41 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                 policy_opt.zero_grad(set_to_none=True)
                 value_opt.zero_grad(set_to_none=True)
                 pg_total = vf_total = ptx_total = 0.0
-                for rows, p, r in micro_batches(mb_rows, batch.query_mask, batch.response_mask, tc.micro_batch_size):
-                    ids, am = window(batch, rows, p, r)
-                    m = batch.response_mask[rows, :r]
-                    with autocast():
+                # One autocast context per optimizer step: autocast casts each weight to bf16 once and
+                # reuses the copy for every micro-batch (its cache lives as long as the context); the
+                # weights only change at the step below, outside it. Gradients are bitwise the same.
+                with autocast():
+                    for rows, p, r in micro_batches(mb_rows, batch.query_mask, batch.response_mask, tc.micro_batch_size):
+                        ids, am = window(batch, rows, p, r)
+                        m = batch.response_mask[rows, :r]
                         lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature), batch.response[rows, :r])
                         pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], batch.advantages[rows, :r], m,
                                                   tc.cliprange, n_tok)
-                    pg.backward()
-                    with autocast():
+                        pg.backward()
                         v = response_values(value_model, ids, am, r).float()
                         vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
                                                  tc.cliprange_value, n_tok)
-                    vf.backward()
-                    pg_total += float(pg.detach())
-                    vf_total += float(vf.detach())
-                    for k in ("clipfrac", "approx_kl"):
-                        acc[k] += float(pst[k])
-                    acc["vf_clipfrac"] += float(vst["vf_clipfrac"])
-                    acc["tokens"] += float(pst["tokens"])
-                if ptx_ids:  # PPO-ptx: γ · NLL on a batch of pretraining text, same optimizer step
-                    texts = [ptx_ids[i] for i in stream_indices(len(ptx_ids), ptx_pos, tc.ptx_batch_size, cfg.seed + 1)]
-                    ptx_pos += tc.ptx_batch_size
-                    from instructrl.formatting import pad as pad_ids
+                        vf.backward()
+                        pg_total += float(pg.detach())
+                        vf_total += float(vf.detach())
+                        for k in ("clipfrac", "approx_kl"):
+                            acc[k] += float(pst[k])
+                        acc["vf_clipfrac"] += float(vst["vf_clipfrac"])
+                        acc["tokens"] += float(pst["tokens"])
+                    if ptx_ids:  # PPO-ptx: γ · NLL on a batch of pretraining text, same optimizer step
+                        texts = [ptx_ids[i] for i in stream_indices(len(ptx_ids), ptx_pos, tc.ptx_batch_size, cfg.seed + 1)]
+                        ptx_pos += tc.ptx_batch_size
+                        from instructrl.formatting import pad as pad_ids
 
-                    n_ptx = sum(len(t) - 1 for t in texts)
-                    for i in range(0, len(texts), tc.micro_batch_size):
-                        ids, am = pad_ids(texts[i: i + tc.micro_batch_size], pad_id, "right")
-                        lm = am.float()
-                        lm[:, 0] = 0
-                        with autocast():
+                        n_ptx = sum(len(t) - 1 for t in texts)
+                        for i in range(0, len(texts), tc.micro_batch_size):
+                            ids, am = pad_ids(texts[i: i + tc.micro_batch_size], pad_id, "right")
+                            lm = am.float()
+                            lm[:, 0] = 0
                             out = policy(input_ids=ids, attention_mask=am, use_cache=False)
                             pt, _ = ptx_loss(out.logits, ids, lm, n_ptx)
-                        (tc.ptx_coef * pt).backward()  # the γ·L_ptx half of losses.ppo_ptx_objective
-                        ptx_total += float(pt.detach())
+                            (tc.ptx_coef * pt).backward()  # the γ·L_ptx half of losses.ppo_ptx_objective
+                            ptx_total += float(pt.detach())
                 # non-finite loss or gradient: skip that model's update, count it, never save it
                 pol_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
                 val_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), tc.max_grad_norm)
