@@ -1,6 +1,6 @@
 """PPO step time: instructrl vs TRL 1.12.0's PPO trainer, same model, prompts and settings.
 
-    flock /tmp/instructrl-heavy.lock .venv/bin/python benchmarks/bench_ppo.py [--steps 3] [--only ours-bf16,trl-fp32]
+    flock /tmp/instructrl-heavy.lock .venv/bin/python benchmarks/bench_ppo.py [--steps 2] [--repeat 2] [--only ours-bf16,trl-bf16]
 
 Settings (both sides): default model (SmolLM2-135M-Instruct) as policy and reference; a reward model
 built from it (`reward.init_reward_model`, head untrained: timing only) which also initialises the
@@ -9,9 +9,13 @@ stop at EOS; one PPO epoch, one minibatch of 16 in micro-batches of 4; k1 KL, β
 Each configuration runs in its own process (peak RSS is per process). Every step covers different
 prompts; both sides see the same 16·steps prompts overall, so the mean over all steps is comparable.
 
-TRL differences, stated: TRL takes the old log-probs from the generation logits; so do we under fp32
-(`rollout.old_logprobs=auto`), while under bf16 we recompute them with one forward so that the ratio
-is exactly 1 at the first update; TRL runs one optimizer over
+Each round runs every configuration once, in order; ``--repeat`` rounds alternate ours and theirs, so
+that the speed drift of a shared VM (±30% between runs minutes apart, measured) hits both sides; the
+table shows the median over rounds.
+
+TRL differences, stated: TRL takes the old log-probs from the generation logits; so do we here
+(`rollout.old_logprobs=sampling`; our default under bf16 recomputes them with one more policy forward
+so that the ratio is exactly 1 at the first update); TRL runs one optimizer over
 policy + value (loss = pg + 0.1·vf), we run two; TRL's `bf16=True` is ignored by its PPO trainer,
 so "trl-bf16" sets ACCELERATE_MIXED_PRECISION=bf16, which autocasts only its training forward
 (generation, reference, value and reward forwards stay fp32), while our bf16 autocasts every forward.
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -74,6 +79,7 @@ def run_ours(precision: str, steps: int, prompts: Path, rm: Path) -> dict:
         f"rollout.batch_size={BATCH}", f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.max_prompt_tokens={MAX_PROMPT}",
         f"train.minibatch_size={BATCH}", f"train.micro_batch_size={MICRO}", "train.epochs=1",
         f"train.precision={precision}", "kl.coef=0.02", f"run.checkpoint_every={steps + 1}",
+        "rollout.old_logprobs=sampling",  # as TRL: π_old from the generation logits
     ])
     t = time.perf_counter()
     train_ppo(cfg)
@@ -166,7 +172,8 @@ def worker(name: str, steps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="rounds over the configurations; medians reported")
     ap.add_argument("--only", default=",".join(CONFIGS))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -174,29 +181,34 @@ def main() -> None:
         worker(a.worker, a.steps)
         return
     prepare(a.steps)
-    results = {}
-    for name in a.only.split(","):
-        print(f"--- {name} ({a.steps} steps) ...", flush=True)
-        p = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(a.steps)],
-                           capture_output=True, text=True)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode != 0 or not line:
-            print(f"{name} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
-            continue
-        results[name] = json.loads(line[-1][7:])
-        print(json.dumps(results[name]), flush=True)
-    hdr = f"{'config':<10} {'step s':>7} {'gen s':>7} {'score s':>8} {'train s':>8} {'resp tok/s':>10} {'peak RSS MB':>11}"
-    print("\n" + hdr)
+    runs: dict[str, list[dict]] = {}
+    for rnd in range(a.repeat):
+        for name in a.only.split(","):
+            print(f"--- round {rnd + 1}/{a.repeat}: {name} ({a.steps} steps) ...", flush=True)
+            p = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(a.steps)],
+                               capture_output=True, text=True)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if p.returncode != 0 or not line:
+                print(f"{name} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+                continue
+            runs.setdefault(name, []).append(json.loads(line[-1][7:]))
+            print(json.dumps(runs[name][-1]), flush=True)
+    keys = ("step_s", "generate_s", "score_s", "train_s", "response_tokens_per_s", "peak_rss_mb")
+    results = {name: {k: statistics.median(r.get(k, float("nan")) for r in rs) for k in keys}
+               for name, rs in runs.items()}
+    hdr = f"{'config':<10} {'step s':>7} {'gen s':>7} {'score s':>8} {'train s':>8} {'resp tok/s':>10} {'peak RSS MB':>11}  step s per round"
+    print(f"\nmedian over {a.repeat} round(s) of {a.steps} steps\n" + hdr)
     for name, r in results.items():
-        tps = r.get("response_tokens_per_s", float("nan"))
+        per_round = " ".join(f"{x['step_s']:.1f}" for x in runs[name])
         print(f"{name:<10} {r['step_s']:7.2f} {r['generate_s']:7.2f} {r['score_s']:8.2f} {r['train_s']:8.2f} "
-              f"{tps:10.1f} {r['peak_rss_mb']:11.0f}")
+              f"{r['response_tokens_per_s']:10.1f} {r['peak_rss_mb']:11.0f}  {per_round}")
     for prec in ("fp32", "bf16"):
         o, t = results.get(f"ours-{prec}"), results.get(f"trl-{prec}")
         if o and t:
+            pairs = [f"{x['step_s'] / y['step_s']:.2f}" for x, y in zip(runs[f"ours-{prec}"], runs[f"trl-{prec}"])]
             print(f"ours/theirs {prec}: step {o['step_s'] / t['step_s']:.2f}x  (generation "
                   f"{o['generate_s'] / t['generate_s']:.2f}x, scoring {o['score_s'] / t['score_s']:.2f}x, "
-                  f"training {o['train_s'] / t['train_s']:.2f}x)  target <= 0.67x")
+                  f"training {o['train_s'] / t['train_s']:.2f}x; per round {' '.join(pairs)})  target <= 0.67x")
 
 
 if __name__ == "__main__":

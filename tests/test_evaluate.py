@@ -11,7 +11,7 @@ import torch
 from instructrl.config import ConfigError, load_config
 from instructrl.evaluate import (
     EvalConfig, IFEvalConfig, ReportSection, best_of_n_kl, best_of_n_pick, labeler_outcome, loglik_bootstrap, mean_ci,
-    outcomes_win_rate, reward_vs_sqrt_kl, run_eval, run_ifeval, score_outcomes, sequence_kl, text_logliks,
+    outcomes_win_rate, reward_vs_sqrt_kl, rm_gold_agreement, run_eval, run_ifeval, score_outcomes, sequence_kl, text_logliks,
     write_report,
 )
 
@@ -217,6 +217,8 @@ def test_run_eval_end_to_end(eval_inputs, tmp_path):
 
     rep = json.loads((out / "report.json").read_text())
     assert rep["policies"]["sft"]["kl"]["mean"] == 0.0 and rep["n_prompts"] == 6
+    g = rep["rm_gold_agreement"]
+    assert g["n"] == 0 or 0.0 <= g["rate"] <= 1.0
     html = (out / "report.html").read_text()
     for title in ("How to read this", "Summary", "Gold constraint satisfaction", "Elo", "Reward vs √KL",
                   "Alignment tax", "Example answers", "over-optimisation"):
@@ -225,6 +227,20 @@ def test_run_eval_end_to_end(eval_inputs, tmp_path):
     for png in ("win_rates.png", "elo.png", "gold_satisfaction.png", "reward_vs_sqrt_kl.png", "alignment_tax.png"):
         assert (out / png).stat().st_size > 1000
     assert not list(out.glob(".*tmp"))
+
+
+def test_rm_gold_agreement_hand_worked():
+    """Two prompts, three policies. Prompt 0: gold a=0.9, b=0.5, c=0.85 (a-c gap 0.05 < 0.15: skipped);
+    RM orders a>b (hit) and b<c? RM b=0.2, c=0.1 -> b>c but gold c>b: miss. Prompt 1: a and b give the same text
+    (skipped), a-c: gold 0.2 vs 0.8, RM tie -> half; b-c: same as a-c -> half. 1 + 0 + 0.5 + 0.5 = 2 of 4."""
+    rm = {"a": [1.0, 0.3], "b": [0.2, 0.3], "c": [0.1, 0.3]}
+    gold = {"a": [0.9, 0.2], "b": [0.5, 0.2], "c": [0.85, 0.8]}
+    texts = {"a": ["x", "same"], "b": ["y", "same"], "c": ["z", "w"]}
+    g = rm_gold_agreement(rm, gold, texts)
+    assert g["n"] == 4 and g["rate"] == pytest.approx(0.5) and g["lo"] < 0.5 < g["hi"]
+    assert rm_gold_agreement(rm, gold, texts, min_gap=0.01)["n"] == 5  # a-c on prompt 0 now counts (a hit)
+    assert rm_gold_agreement(rm, gold, texts, min_gap=0.01)["rate"] == pytest.approx(3 / 5)
+    assert rm_gold_agreement({"a": [1.0]}, {"a": [0.5]}, {"a": ["x"]})["n"] == 0
 
 
 def test_run_eval_is_seeded_and_order_free(eval_inputs, tmp_path):

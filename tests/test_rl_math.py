@@ -165,3 +165,18 @@ def test_ptx_term_and_mix():
     assert float(ppo_ptx_objective(pg, ptx, 2.0)) == pytest.approx(0.5 + 2 * math.log(4))
     assert float(ppo_ptx_objective(pg, ptx, 0.0)) == 0.5
     assert float(ppo_ptx_objective(pg, None, 2.0)) == 0.5
+
+
+def test_entropy_and_fused_logprobs_entropy():
+    """Uniform over 4 tokens: entropy log 4, log p = -log 4; the fused version equals the two separate passes."""
+    from instructrl.ppo import gather_logprobs
+    from instructrl.rl_math import entropy_from_logits, logprobs_and_entropy
+
+    lp, ent = logprobs_and_entropy(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]))
+    torch.testing.assert_close(lp, torch.full((1, 2), -math.log(4)))
+    torch.testing.assert_close(ent, torch.full((1, 2), math.log(4)))
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)) * 3
+    tokens = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
+    lp, ent = logprobs_and_entropy(logits, tokens)
+    torch.testing.assert_close(lp, gather_logprobs(logits, tokens))
+    torch.testing.assert_close(ent, entropy_from_logits(logits))

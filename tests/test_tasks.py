@@ -106,6 +106,27 @@ def test_repair_keeps_content_and_fixes_layout():
     assert set(obj) == {"summary", "tips"} and "Compost needs air." in obj["summary"]
 
 
+def test_word_budget_keeps_tasks_and_demonstrations_inside_the_response_limit():
+    """A budget of 38 words (~64 tokens): every budgeted task has a compliant answer inside it, and a
+    long draft is repaired into a demonstration that fits while still passing every constraint."""
+    budget = 38
+    free = generate_tasks(300, seed=0)
+    assert sum(count_words(repair(t.constraints, "", t.topic)) > budget for t in free) > 10  # the problem
+    tasks = generate_tasks(300, seed=0, max_words=budget)
+    long_draft = " ".join(f"Sentence number {i} talks about the topic at some length." for i in range(12))
+    for t in tasks:
+        assert all(c["n"] <= 0.75 * budget for c in t.constraints if c["type"] == "min_words")
+        for draft in ("", long_draft):
+            out = repair(t.constraints, draft, t.topic, max_words=budget)
+            assert satisfies_all(t.constraints, out), (t.constraints, out)
+            assert count_words(out) <= budget, (t.constraints, out)
+    # a min_words constraint outranks the soft budget
+    out = repair([{"type": "min_words", "n": 30}], long_draft, "tea", max_words=10)
+    assert 30 <= count_words(out)
+    with pytest.raises(ValueError, match="budget"):
+        generate_tasks(3, seed=0, min_constraints=4, max_constraints=4, max_words=3)
+
+
 def test_sample_responses_are_distinct_and_uneven():
     t = generate_tasks(50, seed=2)
     rng = random.Random(1)

@@ -220,6 +220,37 @@ def outcomes_win_rate(outcomes: Sequence[float], level: float = 0.95) -> dict:
     return win_rate(wins, ties, len(outcomes), level).as_dict()
 
 
+def rm_gold_agreement(rm: dict[str, Sequence[float]], gold: dict[str, Sequence[float]],
+                      texts: dict[str, Sequence[str]], min_gap: float = 0.15, level: float = 0.95) -> dict:
+    """How often the RM orders two answers to the same prompt as the gold scorer does.
+
+    ``rm``, ``gold``, ``texts``: policy -> one value per prompt (same prompt order).
+    Every pair of distinct answers to one prompt whose gold scores differ by at least
+    ``min_gap`` (0.15 ~ one constraint of five) counts; an RM tie counts half.
+    Returns {rate, lo, hi, n}; 0.5 is an RM that knows nothing the gold scorer
+    rewards, and then PPO against it cannot beat SFT by the labelers. The CI treats
+    pairs as independent (they share prompts, so it is somewhat too narrow).
+    """
+    from instructrl.stats import proportion_ci
+
+    names = list(rm)
+    n_prompts = len(rm[names[0]]) if names else 0
+    hits, n = 0.0, 0
+    for i in range(n_prompts):
+        for a_i, a in enumerate(names):
+            for b in names[a_i + 1:]:
+                d = gold[a][i] - gold[b][i]
+                if abs(d) < min_gap or texts[a][i] == texts[b][i]:
+                    continue
+                r = rm[a][i] - rm[b][i]
+                hits += 0.5 if r == 0 else float(r * d > 0)
+                n += 1
+    if n == 0:
+        return {"rate": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0, "min_gap": min_gap}
+    lo, hi = proportion_ci(hits, n, level)
+    return {"rate": hits / n, "lo": lo, "hi": hi, "n": n, "min_gap": min_gap}
+
+
 def reward_vs_sqrt_kl(rows: Sequence[dict], score_key: str = "score", kl_key: str = "kl") -> dict:
     """Points (√KL, mean RM score) of a PPO run's metrics rows and their least-squares line.
 
@@ -686,6 +717,7 @@ def run_eval(cfg: EvalConfig, extra_sections: Sequence["ReportSection | dict | t
                      "note": "simulated labelers: a programmatic stand-in for humans (docs/simulated-labelers.md)"},
         "policies": per_policy,
         "pairwise_labelers": pair_lab,
+        "rm_gold_agreement": rm_gold_agreement(scores, gold, {n: samples[n].texts for n in names}),
         "elo": elo,
         "reward_vs_sqrt_kl": curves,
         "alignment_tax": tax,
@@ -706,6 +738,20 @@ def run_eval(cfg: EvalConfig, extra_sections: Sequence["ReportSection | dict | t
     return results
 
 
+def _rm_gold_text(results: dict) -> str:
+    g = results.get("rm_gold_agreement")
+    if not g or not g.get("n"):
+        return ""
+    return (f"RM agrees with the gold scorer on {g['rate']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}] of {g['n']} pairs of "
+            f"answers to the same prompt (gold gap >= {g['min_gap']}); 0.5 = the RM has not learnt what the gold "
+            f"scorer (and so the labelers) reward.")
+
+
+def _rm_gold_note(results: dict) -> str:
+    t = _rm_gold_text(results)
+    return f"<p class='note'>{html.escape(t)}</p>" if t else ""
+
+
 def format_summary(results: dict) -> str:
     """A plain-text table of the headline numbers (what the command prints)."""
     lines = [f"{'policy':<14} {'win(lab)':>22} {'win(RM)':>22} {'gold ok':>8} {'KL':>8} {'len':>6} {'Elo':>7}"]
@@ -716,6 +762,8 @@ def format_summary(results: dict) -> str:
         lines.append(f"{n:<14} {wl['rate']:>6.3f} [{wl['lo']:.3f}, {wl['hi']:.3f}] {wr['rate']:>6.3f} "
                      f"[{wr['lo']:.3f}, {wr['hi']:.3f}] {p['gold_satisfaction']['rate']:>8.3f} {kl:>8.3f} "
                      f"{p['length_tokens']['mean']:>6.1f} {elo:>7.0f}")
+    if _rm_gold_text(results):
+        lines.append(_rm_gold_text(results))
     return "\n".join(lines)
 
 
@@ -1043,7 +1091,7 @@ def write_report(results: dict, out_dir: str | Path,
             ["policy", "judge", "wins", "ties", "n", "rate", "lo", "hi"],
             [[n, j, p[k]["wins"], p[k]["ties"], p[k]["n"], p[k]["rate"], p[k]["lo"], p[k]["hi"]]
              for n, p in pol.items() for j, k in (("labelers", "win_rate_labelers"), ("RM", "win_rate_rm"))])
-        + _img(pngs["win_rates"], "win rates") + "</section>")
+        + _img(pngs["win_rates"], "win rates") + _rm_gold_note(results) + "</section>")
 
     h.append("<section><h2>Gold constraint satisfaction</h2>" + _table(
         ["policy", "satisfied", "n", "rate", "lo", "hi", "mean gold", "lo", "hi"],

@@ -54,7 +54,8 @@ PRESETS: dict[str, list[str]] = {
     # for tests: tiny model, seconds
     "tiny": [
         "data.n_sft_prompts=12", "data.n_rm_prompts=8", "data.n_ppo_prompts=8", "data.n_eval_prompts=6",
-        "data.k_max=4", "data.draft_tokens=12", "data.max_new_tokens=12", "sft.epochs=2", "sft.batch_size=4",
+        "data.k_max=4", "data.draft_tokens=12", "data.max_new_tokens=12", "data.answer_words=-1", "sft.epochs=2",
+        "sft.batch_size=4",
         "rm.batch_size=4", "ppo.steps=2", "ppo.batch_size=4", "ppo.minibatch_size=4", "eval.best_of_n=2",
         "eval.max_new_tokens=12", "eval.bootstrap=100", "sft.trainable_layers=-1", "rm.trainable_layers=-1",
         "ppo.trainable_layers=-1",
@@ -77,8 +78,16 @@ class PipelineData:
     draft_tokens: int = param(64, "base-model draft length for demonstrations (and the ptx corpus)")
     n_drafts: int = param(2, "base-model drafts per SFT prompt; the labeler repairs each and keeps its favourite")
     max_new_tokens: int = param(64, "response length limit when sampling for rankings")
+    answer_words: int = param(0, "response budget in words: tasks are drawn so that a compliant answer fits it and "
+                                 "labelers write demonstrations to it (a demonstration longer than max_new_tokens "
+                                 "teaches the policy to be cut off); 0 = derived, 0.6 x max_new_tokens "
+                                 "(SmolLM2 spends ~1.3 tokens a word, more in lists and JSON); -1 = no budget")
 
     def validate(self):
+        if self.answer_words == 0:
+            self.answer_words = max(8, int(0.6 * self.max_new_tokens))
+        check(self.answer_words >= 8 or self.answer_words == -1,
+              "data.answer_words must be >= 8, 0 (derived from max_new_tokens) or -1 (no budget)")
         check(2 <= self.k_min <= self.k_max, "data.k_min must be >= 2 and <= data.k_max")
         check(self.n_drafts >= 1, "data.n_drafts must be >= 1")
         check(0 < self.heldout_user_fraction < 1, "data.heldout_user_fraction must be in (0, 1)")
@@ -239,7 +248,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             total = d.n_sft_prompts + d.n_rm_prompts * cfg.rounds + d.n_ppo_prompts
             # Enough tasks that the held-out users alone supply the evaluation prompts.
             n = int((total + d.n_eval_prompts) / (1 - d.heldout_user_fraction) * 1.3) + 50
-            tasks = generate_tasks(n, seed=d.seed, n_users=d.n_users)
+            budget = d.answer_words if d.answer_words > 0 else None
+            tasks = generate_tasks(n, seed=d.seed, n_users=d.n_users, max_words=budget)
             train, heldout = split_by_user(tasks, heldout_frac=d.heldout_user_fraction, seed=d.seed)
             if len(train) < total or len(heldout) < d.n_eval_prompts:
                 raise RuntimeError(f"user split gave {len(train)} train / {len(heldout)} held-out prompts; "
@@ -266,7 +276,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             drafts = generate_texts(lm, tok, [t.to_prompt_record().messages for t in sft_tasks], d.draft_tokens,
                                     seed=d.seed, n_per_prompt=d.n_drafts, precision=prec, desc="base drafts")
             rng = random.Random(d.seed + 1)
-            demos = [pool.write_demonstration(t, ds, rng) for t, ds in zip(sft_tasks, drafts)]
+            budget = d.answer_words if d.answer_words > 0 else None
+            demos = [pool.write_demonstration(t, ds, rng, max_words=budget) for t, ds in zip(sft_tasks, drafts)]
             write_jsonl(data_dir / "demonstrations.jsonl", (demonstration_row(x) for x in demos))
             # No pretraining corpus ships here: the base model's own unrepaired drafts stand in for
             # "pretraining distribution" text (PPO-ptx keeps their likelihood; the alignment tax is measured

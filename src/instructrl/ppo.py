@@ -213,7 +213,8 @@ def response_logits(model, ids: torch.Tensor, mask: torch.Tensor, r: int, temper
     """
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
                 logits_to_keep=r + 1)
-    return out.logits[:, :-1].float() / temperature
+    logits = out.logits[:, :-1].float()
+    return logits if temperature == 1.0 else logits / temperature  # skip a [b, r, V] copy at T = 1
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -443,10 +444,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                 if reuse_logprobs:
                     logprobs[rows, :r], entropy[rows, :r] = g.logprobs[rows, :r], g.entropy[rows, :r]
                 else:
-                    logits = response_logits(policy, ids, am, r, rc.temperature)
-                    logprobs[rows, :r] = gather_logprobs(logits, tokens)
-                    entropy[rows, :r] = rl_math.entropy_from_logits(logits)
-                    del logits
+                    logprobs[rows, :r], entropy[rows, :r] = rl_math.logprobs_and_entropy(
+                        response_logits(policy, ids, am, r, rc.temperature), tokens)
                 ref_logprobs[rows, :r] = gather_logprobs(response_logits(ref, ids, am, r, rc.temperature), tokens)
                 values[rows, :r] = response_values(value_model, ids, am, r).float()
                 if rm is not None:

@@ -296,7 +296,7 @@ class RepairError(ValueError):
     """The constraints cannot all be met together (e.g. a word limit too small)."""
 
 
-def repair(constraints: Sequence[Constraint], text: str, topic: str | None = None) -> str:
+def repair(constraints: Sequence[Constraint], text: str, topic: str | None = None, max_words: int | None = None) -> str:
     """Edit ``text`` into a response that satisfies every constraint.
 
     Keeps the text's own sentences where it can (list markers, JSON and
@@ -306,6 +306,12 @@ def repair(constraints: Sequence[Constraint], text: str, topic: str | None = Non
     (bullets, numbered list, paragraphs, JSON) and applies casing, quoting and
     punctuation rules. Raises :class:`RepairError` if the result still fails a
     check (only for infeasible constraint sets; the generator never makes those).
+
+    ``max_words`` is a soft length budget on top of the constraints: the answer
+    must fit in the policy's response limit (a demonstration cut off at
+    ``max_new_tokens`` teaches the model to be cut off). Free sentences are
+    dropped or shortened to meet it where the constraints allow (a ``min_words``
+    constraint wins); it is never a reason to fail.
     """
     c = {x["type"]: x for x in constraints}
     banned = c["forbid_words"]["words"] if "forbid_words" in c else []
@@ -334,15 +340,19 @@ def repair(constraints: Sequence[Constraint], text: str, topic: str | None = Non
     def build(body):
         return _render(c, body + required)
 
+    limit = min([x for x in (c.get("max_words", {}).get("n"), max_words) if x is not None], default=None)
+    if "min_words" in c and limit is not None:
+        limit = max(limit, c["min_words"]["n"])  # the constraint wins over the soft budget
+
     def over(t):
-        return ("max_words" in c and count_words(t) > c["max_words"]["n"]) or (
+        return (limit is not None and count_words(t) > limit) or (
             "max_sentences" in c and count_sentences(t) > c["max_sentences"]["n"])
 
     out = build(sents)
     while over(out) and len(sents) + len(required) > k and sents:
         sents.pop()
         out = build(sents)
-    while over(out) and "max_words" in c:
+    while over(out) and limit is not None:
         # shorten the longest free sentence, keeping at least three words
         idx = max(range(len(sents)), key=lambda i: count_words(sents[i]), default=None)
         if idx is None or count_words(sents[idx]) <= 3:

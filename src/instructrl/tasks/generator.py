@@ -20,7 +20,7 @@ from typing import Sequence
 
 from instructrl.data import PromptRecord, iter_rows
 from instructrl.io import DataError, write_jsonl
-from instructrl.tasks.text import words
+from instructrl.tasks.text import count_words, words
 from instructrl.tasks.constraints import (
     Constraint, RepairError, describe, repair, satisfies_all, topic_filler, validate_constraint,
 )
@@ -123,11 +123,15 @@ class ConstraintTask:
                 "topic_words": list(self.topic_words), "constraints": [dict(c) for c in self.constraints]}
 
 
-def _params(t: str, rng: random.Random, topic_words: Sequence[str], used: set[str]) -> Constraint:
+def _params(t: str, rng: random.Random, topic_words: Sequence[str], used: set[str],
+            budget: int | None = None) -> Constraint:
     if t == "max_words":
         return {"type": t, "n": rng.choice([30, 40, 50, 60, 80, 100])}
     if t == "min_words":
-        return {"type": t, "n": rng.choice([20, 30, 40, 60])}
+        ns = [20, 30, 40, 60]
+        if budget is not None:  # leave room inside the response budget for structure and required phrases
+            ns = [n for n in ns if n <= 0.75 * budget] or [ns[0]]
+        return {"type": t, "n": rng.choice(ns)}
     if t == "max_sentences":
         return {"type": t, "n": rng.randint(2, 5)}
     if t == "include_words":
@@ -157,7 +161,7 @@ def _params(t: str, rng: random.Random, topic_words: Sequence[str], used: set[st
     return {"type": t}
 
 
-def _pick(rng: random.Random, topic_words: Sequence[str], n: int) -> list[Constraint]:
+def _pick(rng: random.Random, topic_words: Sequence[str], n: int, budget: int | None = None) -> list[Constraint]:
     types: list[str] = []
     candidates = list(TYPE_WEIGHTS)
     while len(types) < n:
@@ -169,7 +173,7 @@ def _pick(rng: random.Random, topic_words: Sequence[str], n: int) -> list[Constr
     # words that must appear are drawn first so that forbidden words never clash with them
     rank = {"include_words": 0, "end_with": 1, "start_with": 1, "forbid_words": 3}
     order = sorted(types, key=lambda t: rank.get(t, 2))
-    made = {t: _params(t, rng, topic_words, used) for t in order}
+    made = {t: _params(t, rng, topic_words, used, budget) for t in order}
     return [made[t] for t in types]
 
 
@@ -182,12 +186,15 @@ def zipf_users(n_users: int, exponent: float = 0.8) -> tuple[list[str], list[flo
 
 
 def generate_tasks(n: int, seed: int = 0, n_users: int = 400, min_constraints: int = 2, max_constraints: int = 4,
-                   id_prefix: str = "ct") -> list[ConstraintTask]:
+                   id_prefix: str = "ct", max_words: int | None = None) -> list[ConstraintTask]:
     """``n`` seeded constraint-following prompts with 2-4 compatible constraints each.
 
     Every constraint set is checked feasible: :func:`repair` of an empty answer
     must satisfy it (otherwise the parameters are redrawn), so every prompt
-    has a demonstration that passes the gold scorer.
+    has a demonstration that passes the gold scorer. With ``max_words`` (the
+    response budget in words, e.g. ~0.6 x max_new_tokens) that demonstration
+    must also fit the budget: a task no answer of the allowed length can
+    satisfy ("at least 60 words" in 64 tokens) teaches nothing.
     """
     if n < 0 or not 1 <= min_constraints <= max_constraints:
         raise ValueError("need n >= 0 and 1 <= min_constraints <= max_constraints")
@@ -197,14 +204,16 @@ def generate_tasks(n: int, seed: int = 0, n_users: int = 400, min_constraints: i
     for i in range(n):
         topic, topic_words = rng.choice(TOPICS)
         for _attempt in range(50):
-            cons = _pick(rng, topic_words, rng.randint(min_constraints, max_constraints))
+            cons = _pick(rng, topic_words, rng.randint(min_constraints, max_constraints), max_words)
             try:
-                repair(cons, "", topic)
-                break
+                answer = repair(cons, "", topic, max_words=max_words)
             except RepairError:
                 continue
-        else:  # pragma: no cover - the pools make this practically impossible
-            raise RuntimeError("could not draw a feasible constraint set")
+            if max_words is None or count_words(answer) <= max_words:
+                break
+        else:
+            raise ValueError("could not draw a feasible constraint set in 50 tries"
+                             + (f": max_words={max_words} is too small a budget" if max_words else ""))
         ask = rng.choice(TASK_PHRASES).format(t=topic)
         prompt = " ".join([ask] + [describe(c) for c in cons])
         uid = rng.choices(users, weights=weights)[0]

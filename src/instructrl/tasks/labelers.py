@@ -90,22 +90,23 @@ class SimulatedLabeler:
         return 1.0 if self.utility(task, a, rng) > self.utility(task, b, rng) else 0.0
 
     def write_demonstration(self, task: ConstraintTask, drafts: Sequence[str] = (), rng: random.Random | None = None,
-                            id: str | None = None) -> Demonstration:
+                            id: str | None = None, max_words: int | None = None) -> Demonstration:
         """A demonstration that passes every constraint.
 
         Best-of-N: each draft (e.g. samples from the base model) is repaired
         by the constraint rules and the labeler keeps the one it likes best
         (noisy utility; noise-free without ``rng``). With no drafts the
-        answer is written from on-topic template sentences.
+        answer is written from on-topic template sentences. ``max_words`` is
+        the response budget the labeler writes to (see ``repair``).
         """
         cands = []
         for d in list(drafts) or [""]:
             try:
-                cands.append(repair(task.constraints, d, task.topic))
+                cands.append(repair(task.constraints, d, task.topic, max_words=max_words))
             except RepairError:
                 continue
         if not cands:
-            cands.append(repair(task.constraints, "", task.topic))
+            cands.append(repair(task.constraints, "", task.topic, max_words=max_words))
         score = (lambda r: self.utility(task, r, rng)) if rng is not None else (lambda r: self.mean_utility(task, r))
         best = max(cands, key=score)
         return Demonstration(id or task.id, [{"role": "user", "content": task.prompt}], best, task.user_id or None,
@@ -163,8 +164,9 @@ class LabelerPool:
         """A ranking by a randomly chosen training labeler."""
         return self.pick(rng).rank(task, responses, rng)
 
-    def write_demonstration(self, task: ConstraintTask, drafts: Sequence[str], rng: random.Random) -> Demonstration:
-        return self.pick(rng).write_demonstration(task, drafts, rng)
+    def write_demonstration(self, task: ConstraintTask, drafts: Sequence[str], rng: random.Random,
+                            max_words: int | None = None) -> Demonstration:
+        return self.pick(rng).write_demonstration(task, drafts, rng, max_words=max_words)
 
     def prefers(self, task: ConstraintTask, a: str, b: str, rng: random.Random) -> float:
         """Evaluation judgment by a randomly chosen HELD-OUT labeler: 1 (a), 0 (b), 0.5 (identical)."""
