@@ -34,6 +34,8 @@ def test_sft_malformed_demonstrations(tmp_path, tiny_model_dir, capsys):
     assert code == 2
     line = assert_one_line_error(err)
     assert f"{demos}:2: field 'response': missing" in line
+    log = tmp_path / "run" / "log.txt"  # the run folder says why it stopped, too
+    assert f"{demos}:2: field 'response': missing" in log.read_text()
 
 
 def test_sft_malformed_json_line(tmp_path, tiny_model_dir, capsys):

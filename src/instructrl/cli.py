@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import sys
 import typing
+from pathlib import Path
 
 from instructrl.config import ConfigError, load_config
 from instructrl.io import DataError
@@ -100,6 +101,17 @@ def _usage() -> str:
     )
 
 
+def _log_error_in_run_folder(cfg, err: Exception) -> None:
+    """A run that stops on bad input says why in its own log.txt, not only on stderr."""
+    folder = getattr(cfg, "output_dir", None) or getattr(cfg, "out", None)
+    log = Path(folder) / "log.txt" if folder else None
+    if log is not None and log.exists():
+        import time
+
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR {err}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -133,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"instructrl: error: unknown preset {preset!r}; choose from {sorted(presets)}", file=sys.stderr)
             return 2
         overrides = presets[preset] + [f"preset={preset}"] + [o for o in overrides if not o.startswith("preset=")]
+    cfg = None
     try:
         cfg = load_config(cls, args.config, overrides)
         if args.resume:
@@ -142,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         getattr(module, fn_name)(cfg)
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"instructrl: error: {e}", file=sys.stderr)
+        _log_error_in_run_folder(cfg, e)
         return 2
     except KeyboardInterrupt:
         print("instructrl: interrupted", file=sys.stderr)
