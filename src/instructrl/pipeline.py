@@ -98,7 +98,9 @@ class PipelineData:
 @dataclass
 class PipelineSFT:
     epochs: int = param(2, "SFT epochs (paper: 16 on far more data; 2 suffices for the constraint tasks)")
-    lr: float = param(1e-4, "SFT peak learning rate (few steps on a 135M model: 5e-5 barely moved the validation loss, 3.21 -> 3.18)")
+    lr: float = param(3e-4, "SFT peak learning rate. Measured on the default data (seed 0): 1e-4 -> val loss 2.97, "
+                            "SFT gold score 0.52; 3e-4 -> 2.89 and 0.64; 3e-4 over 4 epochs overfits (val loss up after "
+                            "epoch 1)")
     batch_size: int = param(8, "sequences per optimizer step")
     trainable_layers: int = param(12, "train only the top N of SmolLM2's 30 blocks (backward stops there); -1 = all")
     extra: list[str] = param(factory=list, help="more `instructrl sft` overrides, e.g. [train.residual_dropout=0.1]")
@@ -106,9 +108,11 @@ class PipelineSFT:
 
 @dataclass
 class PipelineRM:
-    lr: float = param(5e-5, "RM learning rate")
+    lr: float = param(1e-4, "RM learning rate")
     batch_size: int = param(8, "rankings per optimizer step")
-    epochs: int = param(2, "passes over the rankings (paper: 1, on 33k prompts; 96 rankings need 2)")
+    epochs: int = param(1, "passes over the rankings (paper: 1). On the default data 1 epoch at lr 1e-4 and 2 at 5e-5 "
+                           "reached the same place: agreement with the gold scorer 0.47 and 0.50 on 477 pairs of "
+                           "evaluation answers, i.e. chance; 96 rankings are too few (README)")
     trainable_layers: int = param(8, "train only the top N blocks (+ head); -1 = all")
     extra: list[str] = param(factory=list, help="more `instructrl rm` overrides")
 
