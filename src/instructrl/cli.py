@@ -103,13 +103,11 @@ def _usage() -> str:
 
 def _log_error_in_run_folder(cfg, err: Exception) -> None:
     """A run that stops on bad input says why in its own log.txt, not only on stderr."""
-    folder = getattr(cfg, "output_dir", None) or getattr(cfg, "out", None)
-    log = Path(folder) / "log.txt" if folder else None
-    if log is not None and log.exists():
-        import time
+    from instructrl.io import RunDir
 
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR {err}\n")
+    folder = getattr(cfg, "output_dir", None) or getattr(cfg, "out", None)
+    if folder and (Path(folder) / "log.txt").exists():  # never create a run folder just to hold the error
+        RunDir(folder).log.error(str(err))
 
 
 def main(argv: list[str] | None = None) -> int:

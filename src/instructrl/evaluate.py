@@ -762,8 +762,9 @@ def format_summary(results: dict) -> str:
         lines.append(f"{n:<14} {wl['rate']:>6.3f} [{wl['lo']:.3f}, {wl['hi']:.3f}] {wr['rate']:>6.3f} "
                      f"[{wr['lo']:.3f}, {wr['hi']:.3f}] {p['gold_satisfaction']['rate']:>8.3f} {kl:>8.3f} "
                      f"{p['length_tokens']['mean']:>6.1f} {elo:>7.0f}")
-    if _rm_gold_text(results):
-        lines.append(_rm_gold_text(results))
+    rm_gold = _rm_gold_text(results)
+    if rm_gold:
+        lines.append(rm_gold)
     return "\n".join(lines)
 
 

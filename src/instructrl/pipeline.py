@@ -88,6 +88,11 @@ class PipelineData:
             self.answer_words = max(8, int(0.6 * self.max_new_tokens))
         check(self.answer_words >= 8 or self.answer_words == -1,
               "data.answer_words must be >= 8, 0 (derived from max_new_tokens) or -1 (no budget)")
+
+    @property
+    def word_budget(self) -> int | None:
+        """``answer_words`` as the ``max_words`` of generate_tasks/repair: None = no budget."""
+        return self.answer_words if self.answer_words > 0 else None
         check(2 <= self.k_min <= self.k_max, "data.k_min must be >= 2 and <= data.k_max")
         check(self.n_drafts >= 1, "data.n_drafts must be >= 1")
         check(0 < self.heldout_user_fraction < 1, "data.heldout_user_fraction must be in (0, 1)")
@@ -149,7 +154,7 @@ class PipelineEval:
 class PipelineConfig:
     model: str = param("default", "the pretrained model: 'default' (embedded SmolLM2-135M-Instruct) or a folder")
     output_dir: str = param("runs/pipeline", "run folder for every stage")
-    preset: str = param("default", "default (~22 min on 2 cores), quick (~4 min), tiny (tests); applied first")
+    preset: str = param("default", "default (~17 min on 2 cores), quick (~4 min), tiny (tests); applied first")
     rounds: int = param(1, "iterated online rounds: rank -> RM -> PPO repeated on the current policy")
     only: str = param("", "re-run just this stage (and, for rank/rm/ppo, of round `round`)")
     round: int = param(0, "with only=rank|rm|ppo: which round; 0 = the last")
@@ -252,8 +257,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             total = d.n_sft_prompts + d.n_rm_prompts * cfg.rounds + d.n_ppo_prompts
             # Enough tasks that the held-out users alone supply the evaluation prompts.
             n = int((total + d.n_eval_prompts) / (1 - d.heldout_user_fraction) * 1.3) + 50
-            budget = d.answer_words if d.answer_words > 0 else None
-            tasks = generate_tasks(n, seed=d.seed, n_users=d.n_users, max_words=budget)
+            tasks = generate_tasks(n, seed=d.seed, n_users=d.n_users, max_words=d.word_budget)
             train, heldout = split_by_user(tasks, heldout_frac=d.heldout_user_fraction, seed=d.seed)
             if len(train) < total or len(heldout) < d.n_eval_prompts:
                 raise RuntimeError(f"user split gave {len(train)} train / {len(heldout)} held-out prompts; "
@@ -280,8 +284,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             drafts = generate_texts(lm, tok, [t.to_prompt_record().messages for t in sft_tasks], d.draft_tokens,
                                     seed=d.seed, n_per_prompt=d.n_drafts, precision=prec, desc="base drafts")
             rng = random.Random(d.seed + 1)
-            budget = d.answer_words if d.answer_words > 0 else None
-            demos = [pool.write_demonstration(t, ds, rng, max_words=budget) for t, ds in zip(sft_tasks, drafts)]
+            demos = [pool.write_demonstration(t, ds, rng, max_words=d.word_budget) for t, ds in zip(sft_tasks, drafts)]
             write_jsonl(data_dir / "demonstrations.jsonl", (demonstration_row(x) for x in demos))
             # No pretraining corpus ships here: the base model's own unrepaired drafts stand in for
             # "pretraining distribution" text (PPO-ptx keeps their likelihood; the alignment tax is measured
