@@ -51,6 +51,12 @@ def test_every_stage_finishes_and_writes_its_outputs(tiny_run):
     assert report["policies"]["sft"]["win_rate_labelers"]["rate"] == 0.5  # the baseline against itself
     sections = {s["title"] for s in report["sections"]}
     assert {"Run", "Stage timings (s)", "Rounds"} <= sections
+    # finished stages drop their training checkpoints (keep_checkpoints=false); the models stay
+    assert not (out / "sft" / "checkpoints").exists() and (out / "sft" / "model" / "config.json").exists()
+    for r in (1, 2):
+        for v in ("ppo", "ppo_ptx"):
+            assert not (out / f"round-{r}" / v / "checkpoints").exists()
+            assert (out / f"round-{r}" / v / "policy" / "config.json").exists()
 
 
 def test_demonstrations_satisfy_their_constraints_and_eval_users_are_held_out(tiny_run):
@@ -103,6 +109,9 @@ def test_a_second_start_refuses_resume_skips_and_only_reruns_one_stage(tiny_mode
     assert "=== [rm-2] ===" in printed and "=== [sft]" not in printed and "=== [rm-1]" not in printed
     assert (out / "round-2" / "rm" / "model" / "model.safetensors").stat().st_mtime_ns != rm_before
     assert before == {p: p.stat().st_mtime_ns for p in (out / "sft" / "model").glob("*")}
+    run_pipeline(tiny(tiny_model_dir, out, "rounds=2", "only=ppo", "keep_checkpoints=true"))
+    assert "=== [ppo_ptx-2] ===" in capsys.readouterr().out
+    assert any((out / "round-2" / "ppo_ptx" / "checkpoints").glob("step-*"))
 
 
 def test_stage_names_cover_the_pipeline():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -159,6 +160,9 @@ class PipelineConfig:
     only: str = param("", "re-run just this stage (and, for rank/rm/ppo, of round `round`)")
     round: int = param(0, "with only=rank|rm|ppo: which round; 0 = the last")
     resume: bool = param(False, "skip stages already finished in output_dir (PPO resumes from its checkpoints)")
+    keep_checkpoints: bool = param(False, "keep the SFT and PPO stages' training checkpoints once the stage has "
+                                          "saved its model (4 of the default run's 7 GB); they are only needed to "
+                                          "resume a stage that was interrupted")
     precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
     data: PipelineData = param(PipelineData(), "prompts, users, rankings")
     sft: PipelineSFT = param(PipelineSFT(), "stage 3")
@@ -238,6 +242,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             return stage == cfg.only and (rnd is None or rnd == last)
         return not state.finished(key)
 
+    def drop_checkpoints(stage_dir: Path) -> None:
+        # Only after the stage is marked finished: until then they are what --resume continues from.
+        if not cfg.keep_checkpoints and (stage_dir / "checkpoints").is_dir():
+            shutil.rmtree(stage_dir / "checkpoints")
+
     def timed(key: str):
         class T:
             def __enter__(s):
@@ -311,6 +320,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             ])
             train_sft(sft_cfg)
             state.mark("sft", model=str(sft_dir))
+            drop_checkpoints(out / "sft")
 
     # 4-6. rounds: rank -> RM -> PPO ------------------------------------------
     from instructrl.ppo import PPOConfig, train_ppo
@@ -387,6 +397,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                     ])
                     final = train_ppo(ppo_cfg)
                     state.mark(key, model=str(_policy_dir(final)))
+                    drop_checkpoints(pdir)
             policies[v] = Path(state.done[key]["model"]) if key in state.done else _policy_dir(pdir)
         rounds_summary.append(_round_summary(out, r, cfg))
         torch.manual_seed(0)
