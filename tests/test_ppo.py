@@ -145,6 +145,40 @@ def test_one_autocast_context_over_micro_batches_gives_the_same_gradients(tiny_m
         assert torch.equal(per_micro[n], shared[n]), n
 
 
+def test_training_attention_switch_keeps_the_gradients_and_restores_the_model(tiny_model_dir):
+    """PPO trains with eager attention under bf16 on CPU (models.attention_implementation): on left-padded
+    rows it must give the gradients of the model's own kernel (fp32: to rounding) and hand the model back
+    with its own kernel, also when the block raises."""
+    from instructrl.models import attention_implementation, load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    own = model.config._attn_implementation
+    ids = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    am[0, :5] = 0  # left padding, as in rollouts
+    am[1, :2] = 0
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False).logits
+        (logits.logsumexp(-1) * am).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    base = grads()
+    with attention_implementation("eager", model):
+        assert model.config._attn_implementation == "eager"
+        eager = grads()
+    assert model.config._attn_implementation == own
+    for n in base:
+        torch.testing.assert_close(eager[n], base[n], rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError), attention_implementation("eager", model):
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == own
+    with attention_implementation(None, model):
+        assert model.config._attn_implementation == own
+
+
 def test_sampling_respects_left_padding_and_eos(tiny_model_dir, tiny_tokenizer):
     from instructrl.models import load_causal_lm
 

@@ -111,6 +111,10 @@ class PPOTrain:
     ptx_max_tokens: int = param(256, "pretraining sequences are cut to this many tokens")
     precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
     trainable_layers: int = param(-1, "train only the top N blocks (+ final norm, value head) of policy and value model; -1 = all")
+    attention: Literal["auto", "model", "eager", "sdpa"] = param(
+        "auto", "attention kernel of the training forward/backward: auto = eager (plain matmuls) under bf16 on "
+                "CPU, where the fused kernel's bf16 backward is slow (docs/ppo.md, Speed), else the model's "
+                "own; model = always the model's own; or eager / sdpa")
 
     def validate(self):
         self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
@@ -328,7 +332,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     from instructrl.data import load_prompts, load_text_corpus
     from instructrl.formatting import TruncationStats, encode_prompt
     from instructrl.io import RunDir, atomic_dir
-    from instructrl.models import autocast_weight_cache, freeze_lower_layers, load_causal_lm, load_tokenizer, make_adamw, resolve_model
+    from instructrl.models import attention_implementation, autocast_weight_cache, freeze_lower_layers, load_causal_lm, load_tokenizer, make_adamw, resolve_model
     from instructrl.reward import init_reward_model, load_reward_model, score as rm_score
 
     rc, kc, tc = cfg.rollout, cfg.kl, cfg.train
@@ -364,6 +368,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     for m in (policy, value_model):
         drop_stale_quantization(m)
         freeze_lower_layers(m, tc.trainable_layers)
+    train_attention = {"model": None, "auto": None}.get(tc.attention, tc.attention)
+    if tc.attention == "auto" and amp is not None and next(policy.parameters()).device.type == "cpu":
+        train_attention = "eager"
     policy_opt = make_adamw([p for p in policy.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
     value_opt = make_adamw([p for p in value_model.parameters() if p.requires_grad], tc.value_lr, tc.weight_decay)
     policy_sched, value_sched = warmup_schedule(policy_opt, tc.warmup_steps), warmup_schedule(value_opt, tc.warmup_steps)
@@ -390,7 +397,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
             raise ConfigError(f"ptx_data: {cfg.ptx_data} has no text of 2 or more tokens")
     run.info(f"{len(prompt_ids)} prompts ({trunc.prompts_cut} cut from the left to {rc.max_prompt_tokens} tokens); "
              + (f"PPO-ptx with γ={tc.ptx_coef} on {len(ptx_ids)} texts" if ptx_ids else "plain PPO (no ptx term)")
-             + f"; old log-probs {'from sampling' if reuse_logprobs else 'recomputed'}")
+             + f"; old log-probs {'from sampling' if reuse_logprobs else 'recomputed'}"
+             + f"; training attention: {train_attention or 'model default'}")
 
     # --- state that checkpoints carry ---
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -484,7 +492,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                 # One autocast context per optimizer step: autocast casts each weight to bf16 once and
                 # reuses the copy for every micro-batch (its cache lives as long as the context); the
                 # weights only change at the step below, outside it. Gradients are bitwise the same.
-                with autocast():
+                with autocast(), attention_implementation(train_attention, policy, value_model):
                     for rows, p, r in micro_batches(mb_rows, batch.query_mask, batch.response_mask, tc.micro_batch_size):
                         ids, am = window(batch, rows, p, r)
                         m = batch.response_mask[rows, :r]
