@@ -114,5 +114,30 @@ def test_a_second_start_refuses_resume_skips_and_only_reruns_one_stage(tiny_mode
     assert any((out / "round-2" / "ppo_ptx" / "checkpoints").glob("step-*"))
 
 
+def test_rounds_can_be_added_to_a_finished_run(tiny_model_dir, tmp_path):
+    """`rounds=2 --resume` on a finished one-round run: round 2 ranks prompts no stage has used (the
+    prompts stage's reserve), every other split stays as it was, and the evaluation is redone."""
+    out = tmp_path / "run"
+    run_pipeline(tiny(tiny_model_dir, out))
+    splits = {f: (out / "data" / f"{f}_tasks.jsonl").read_text() for f in ("sft", "ppo", "eval")}
+    report_before = (out / "eval" / "report.json").stat().st_mtime_ns
+    run_pipeline(tiny(tiny_model_dir, out, "rounds=2", "resume=true"))
+    state = json.loads((out / "state.json").read_text())
+    assert {"rank-2", "rm-2", "ppo-2", "ppo_ptx-2"} <= set(state) and state["eval"]["rounds"] == 2
+    assert (out / "eval" / "report.json").stat().st_mtime_ns != report_before
+    assert splits == {f: (out / "data" / f"{f}_tasks.jsonl").read_text() for f in ("sft", "ppo", "eval")}
+
+    def prompts(path):
+        return {json.dumps(x["prompt"]) for x in read_jsonl(path)}
+
+    used = {json.dumps(t.prompt) for f in ("sft", "ppo", "eval") for t in load_tasks(out / "data" / f"{f}_tasks.jsonl")}
+    r1, r2 = prompts(out / "round-1" / "rankings.jsonl"), prompts(out / "round-2" / "rankings.jsonl")
+    as_text = {json.dumps(json.loads(p)[-1]["content"]) if p.startswith("[") else p for p in r2}
+    assert r2 and not r1 & r2 and not as_text & used
+    # more rounds than the prompts left: a clear error, not an empty round
+    with pytest.raises(ConfigError, match="RM prompts"):
+        run_pipeline(tiny(tiny_model_dir, out, "rounds=40", "resume=true"))
+
+
 def test_stage_names_cover_the_pipeline():
     assert STAGES == ("prompts", "demos", "sft", "rank", "rm", "ppo", "eval")

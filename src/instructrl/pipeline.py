@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Literal
 from pathlib import Path
 
-from instructrl.config import check, load_config, param, resolve_precision
+from instructrl.config import ConfigError, check, load_config, param, resolve_precision
 from instructrl.io import RunDir, atomic_write_text, read_jsonl, write_jsonl
 
 STAGES = ("prompts", "demos", "sft", "rank", "rm", "ppo", "eval")
@@ -278,11 +278,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             save_tasks(data_dir / "rm_tasks.jsonl", train[a:b])
             save_tasks(data_dir / "ppo_tasks.jsonl", train[b:b + d.n_ppo_prompts])
             save_tasks(data_dir / "eval_tasks.jsonl", heldout[: d.n_eval_prompts])
+            # Training users' prompts no stage uses: adding rounds to this run later (`rounds=N --resume`)
+            # takes the extra rounds' RM prompts from here, leaving every other split as it was.
+            save_tasks(data_dir / "rm_tasks_reserve.jsonl", train[b + d.n_ppo_prompts:])
             users = {"train": len({t.user_id for t in train}), "heldout": len({t.user_id for t in heldout})}
             state.mark("prompts", users=users)
             run.info(f"prompts: users {users}")
     sft_tasks = load_tasks(data_dir / "sft_tasks.jsonl")
     rm_tasks = load_tasks(data_dir / "rm_tasks.jsonl")
+    if (data_dir / "rm_tasks_reserve.jsonl").exists():
+        rm_tasks += load_tasks(data_dir / "rm_tasks_reserve.jsonl")
     ppo_tasks = load_tasks(data_dir / "ppo_tasks.jsonl")
 
     # 2. demonstrations (and the plain-text corpus for PPO-ptx) -----------------
@@ -327,6 +332,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from instructrl.reward import RMConfig, train_rm
 
     policies = {v: sft_dir for v in cfg.ppo.variants}
+    if len(rm_tasks) < cfg.rounds * d.n_rm_prompts:  # checked before any round runs, not at the one that lacks them
+        raise ConfigError(
+            f"rounds={cfg.rounds} needs {cfg.rounds * d.n_rm_prompts} RM prompts ({d.n_rm_prompts} a round), but "
+            f"{data_dir} holds {len(rm_tasks)} (the prompts stage drew them for fewer rounds): start a new run "
+            f"folder with rounds={cfg.rounds}, or lower data.n_rm_prompts")
     rounds_summary = []
     for r in range(1, cfg.rounds + 1):
         rdir = out / f"round-{r}"
@@ -406,7 +416,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from instructrl.evaluate import EvalConfig, run_eval
 
     results = {}
-    if want("eval", "eval"):
+    # an evaluation of fewer rounds than this run now has (rounds added with --resume) is redone
+    stale = not cfg.only and state.finished("eval") and state.done["eval"].get("rounds", 1) != cfg.rounds
+    if want("eval", "eval") or stale:
         with timed("eval"):
             last = out / f"round-{cfg.rounds}"
             pol = {"base": base, "sft": str(sft_dir), **{v: str(p) for v, p in policies.items()}}
@@ -419,7 +431,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                        f"pretrain_eval={data_dir / 'pretrain_heldout.jsonl'}", *cfg.eval.extra]
             ev_cfg = load_config(EvalConfig, None, ev_over)
             results = run_eval(ev_cfg, extra_sections=_report_sections(out, cfg, state, timings, rounds_summary))
-            state.mark("eval", report=str(out / "eval" / "report.html"))
+            state.mark("eval", report=str(out / "eval" / "report.html"), rounds=cfg.rounds)
     print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"total: {sum(timings.values()) / 60:.1f} min; report: {out / 'eval' / 'report.html'}")
     return results
