@@ -26,6 +26,16 @@ def test_every_preset_parses(preset):
     assert cfg.preset == preset
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.k_min=1", "k_min"), ("data.k_max=3", "k_min"), ("data.n_drafts=0", "n_drafts"),
+    ("data.heldout_user_fraction=1", "heldout_user_fraction"), ("data.n_rm_prompts=1", "n_\\*_prompts"),
+    ("data.answer_words=5", "answer_words"),
+])
+def test_bad_data_settings_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline_config(None, [override])
+
+
 def test_bad_stage_name_is_a_clear_error():
     with pytest.raises(ConfigError, match="only must be one of"):
         load_pipeline_config(None, ["only=rlhf"])

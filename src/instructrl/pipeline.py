@@ -89,16 +89,16 @@ class PipelineData:
             self.answer_words = max(8, int(0.6 * self.max_new_tokens))
         check(self.answer_words >= 8 or self.answer_words == -1,
               "data.answer_words must be >= 8, 0 (derived from max_new_tokens) or -1 (no budget)")
-
-    @property
-    def word_budget(self) -> int | None:
-        """``answer_words`` as the ``max_words`` of generate_tasks/repair: None = no budget."""
-        return self.answer_words if self.answer_words > 0 else None
         check(2 <= self.k_min <= self.k_max, "data.k_min must be >= 2 and <= data.k_max")
         check(self.n_drafts >= 1, "data.n_drafts must be >= 1")
         check(0 < self.heldout_user_fraction < 1, "data.heldout_user_fraction must be in (0, 1)")
         check(min(self.n_sft_prompts, self.n_rm_prompts, self.n_ppo_prompts, self.n_eval_prompts) >= 2,
               "data.n_*_prompts must each be >= 2")
+
+    @property
+    def word_budget(self) -> int | None:
+        """``answer_words`` as the ``max_words`` of generate_tasks/repair: None = no budget."""
+        return self.answer_words if self.answer_words > 0 else None
 
 
 @dataclass
