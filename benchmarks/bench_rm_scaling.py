@@ -43,14 +43,12 @@ def main() -> None:
 
     import torch
 
-    from instructrl.config import load_config
     from instructrl.data import ranking_row
     from instructrl.evaluate import rm_gold_agreement, rm_scores
-    from instructrl.generation import generate_texts
     from instructrl.io import atomic_write_text, read_jsonl, write_jsonl
     from instructrl.models import load_causal_lm, load_tokenizer
-    from instructrl.pipeline import load_pipeline_config
-    from instructrl.reward import RMConfig, load_reward_model, train_rm
+    from instructrl.pipeline import load_pipeline_config, rm_stage_config, sample_and_rank
+    from instructrl.reward import load_reward_model, train_rm
     from instructrl.tasks import generate_tasks, load_tasks
     from instructrl.tasks.generator import split_by_user
     from instructrl.tasks.labelers import LabelerPool
@@ -87,15 +85,9 @@ def main() -> None:
             return [row for _, row in read_jsonl(path)]
         rng = random.Random(seed)
         ks = [rng.randint(kmin, kmax) for _ in tasks]
-        flat = generate_texts(lm, tok, [t.to_prompt_record().messages for t, k in zip(tasks, ks) for _ in range(k)],
-                              d.max_new_tokens, seed=seed, precision=prec, desc=f"{name}: K samples")
-        rows, pos = [], 0
-        for t, k in zip(tasks, ks):
-            try:
-                rows.append(ranking_row(pool.rank(t, [x[0] for x in flat[pos:pos + k]], rng)))
-            except ValueError as e:  # fewer than 2 distinct answers: said, not hidden
-                print(f"{t.id}: no ranking ({e})")
-            pos += k
+        _, _, rankings = sample_and_rank(lm, tok, tasks, ks, pool, rng, d.max_new_tokens, seed=seed, precision=prec,
+                                         desc=f"{name}: K samples")
+        rows = [ranking_row(x) for x in rankings]
         write_jsonl(path, rows)
         return rows
 
@@ -113,12 +105,8 @@ def main() -> None:
         folder = out / name.replace(" ", "_").replace(",", "")
         write_jsonl(folder / "rankings.jsonl", rows)
         t0 = time.perf_counter()
-        train_rm(load_config(RMConfig, None, [
-            f"model={sft}", f"output_dir={folder}", f"data.train={folder / 'rankings.jsonl'}",
-            f"data.demonstrations={run / 'data' / 'demonstrations.jsonl'}", f"train.lr={cfg.rm.lr}",
-            f"train.batch_size={cfg.rm.batch_size}", f"train.epochs={cfg.rm.epochs}",
-            f"train.trainable_layers={cfg.rm.trainable_layers}", f"train.precision={prec}",
-            f"train.seed={d.seed + 1}", *cfg.rm.extra]))
+        train_rm(rm_stage_config(cfg, sft, folder, folder / "rankings.jsonl", run / "data" / "demonstrations.jsonl",
+                                 seed=d.seed + 1))  # round 1's RM seed
         seconds = time.perf_counter() - t0
         rm = load_reward_model(folder / "model").eval().requires_grad_(False)
         scores = rm_scores(rm, tok, [[{"role": "user", "content": tasks[a["id"]].prompt}] for a in answers],

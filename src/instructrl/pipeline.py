@@ -329,7 +329,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     # 4-6. rounds: rank -> RM -> PPO ------------------------------------------
     from instructrl.ppo import PPOConfig, train_ppo
-    from instructrl.reward import RMConfig, train_rm
+    from instructrl.reward import train_rm
 
     policies = {v: sft_dir for v in cfg.ppo.variants}
     if len(rm_tasks) < cfg.rounds * d.n_rm_prompts:  # checked before any round runs, not at the one that lacks them
@@ -348,23 +348,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 tok, lm = load_tokenizer(current), load_causal_lm(current)
                 rng = random.Random(d.seed * 1000 + r)
                 ks = [rng.randint(d.k_min, d.k_max) for _ in tasks_r]
-                # Exactly K_i samples for prompt i: the prompt is repeated K_i times, one sample each.
-                flat = generate_texts(lm, tok, [t.to_prompt_record().messages for t, k in zip(tasks_r, ks)
-                                                for _ in range(k)], d.max_new_tokens, seed=d.seed + r,
-                                      precision=prec, desc=f"round {r}: K samples")
-                samples, pos = [], 0
-                for k in ks:
-                    samples.append([x[0] for x in flat[pos:pos + k]])
-                    pos += k
-                rankings, sets = [], []
-                for t, k, s in zip(tasks_r, ks, samples):
-                    try:
-                        rankings.append(pool.rank(t, s[:k], rng))
-                        sets.append(s[:k])
-                    except ValueError as e:  # fewer than 2 distinct non-empty responses: counted, not hidden
-                        run.info(f"round {r}: prompt {t.id} gave no ranking: {e}")
+                ranked, sets, rankings = sample_and_rank(
+                    lm, tok, tasks_r, ks, pool, rng, d.max_new_tokens, seed=d.seed + r, precision=prec,
+                    desc=f"round {r}: K samples", log=lambda m: run.info(f"round {r}: {m}"))
                 n_overlap = max(2, round(d.overlap_fraction * len(rankings)))
-                agreement = pool.measure_agreement(tasks_r[:n_overlap], sets[:n_overlap], rng)
+                agreement = pool.measure_agreement(ranked[:n_overlap], sets[:n_overlap], rng)
                 write_jsonl(rdir / "rankings.jsonl", (ranking_row(x) for x in rankings))
                 del lm
                 state.mark(f"rank-{r}", n=len(rankings), skipped=len(tasks_r) - len(rankings),
@@ -377,14 +365,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         rm_dir = rdir / "rm" / "model"
         if want(f"rm-{r}", "rm", r):
             with timed(f"rm-{r}"):
-                rm_cfg = load_config(RMConfig, None, [
-                    f"model={sft_dir}", f"output_dir={rdir / 'rm'}", f"data.train={all_rankings}",
-                    f"data.demonstrations={data_dir / 'demonstrations.jsonl'}", f"train.lr={cfg.rm.lr}",
-                    f"train.batch_size={cfg.rm.batch_size}", f"train.epochs={cfg.rm.epochs}",
-                    f"train.trainable_layers={cfg.rm.trainable_layers}", f"train.precision={prec}",
-                    f"train.seed={d.seed + r}", *cfg.rm.extra,
-                ])
-                train_rm(rm_cfg)
+                train_rm(rm_stage_config(cfg, sft_dir, rdir / "rm", all_rankings,
+                                         data_dir / "demonstrations.jsonl", seed=d.seed + r))
                 state.mark(f"rm-{r}", model=str(rm_dir))
 
         for v in cfg.ppo.variants:
@@ -435,6 +417,46 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"total: {sum(timings.values()) / 60:.1f} min; report: {out / 'eval' / 'report.html'}")
     return results
+
+
+def sample_and_rank(lm, tok, tasks: list, ks: list[int], pool, rng: random.Random, max_new_tokens: int,
+                    seed: int, precision: str, desc: str, log=print) -> tuple[list, list[list[str]], list]:
+    """Stage 4: K_i sampled answers to task i from ``lm``, ranked by a training labeler.
+
+    Returns (ranked tasks, their answer sets, rankings), aligned. A task whose answers give fewer
+    than 2 distinct non-empty responses has no ranking: it is left out and said through ``log``.
+    """
+    from instructrl.generation import generate_texts
+
+    # Exactly K_i samples for prompt i: the prompt is repeated K_i times, one sample each.
+    flat = generate_texts(lm, tok, [t.to_prompt_record().messages for t, k in zip(tasks, ks) for _ in range(k)],
+                          max_new_tokens, seed=seed, precision=precision, desc=desc)
+    ranked, sets, rankings, pos = [], [], [], 0
+    for t, k in zip(tasks, ks):
+        answers = [x[0] for x in flat[pos:pos + k]]
+        pos += k
+        try:
+            rankings.append(pool.rank(t, answers, rng))
+        except ValueError as e:  # counted, not hidden
+            log(f"prompt {t.id} gave no ranking: {e}")
+            continue
+        ranked.append(t)
+        sets.append(answers)
+    return ranked, sets, rankings
+
+
+def rm_stage_config(cfg: PipelineConfig, sft_dir: Path, output_dir: Path, rankings: Path, demonstrations: Path,
+                    seed: int):
+    """The RMConfig of stage 5: the reward model starts from the SFT model (InstructGPT §3.5)."""
+    from instructrl.reward import RMConfig
+
+    return load_config(RMConfig, None, [
+        f"model={sft_dir}", f"output_dir={output_dir}", f"data.train={rankings}",
+        f"data.demonstrations={demonstrations}", f"train.lr={cfg.rm.lr}",
+        f"train.batch_size={cfg.rm.batch_size}", f"train.epochs={cfg.rm.epochs}",
+        f"train.trainable_layers={cfg.rm.trainable_layers}", f"train.precision={cfg.precision}",
+        f"train.seed={seed}", *cfg.rm.extra,
+    ])
 
 
 def _policy_dir(ppo_out: Path) -> Path:
