@@ -18,7 +18,9 @@ TRL differences, stated: TRL takes the old log-probs from the generation logits;
 so that the ratio is exactly 1 at the first update); TRL runs one optimizer over
 policy + value (loss = pg + 0.1·vf), we run two; TRL's `bf16=True` is ignored by its PPO trainer,
 so "trl-bf16" sets ACCELERATE_MIXED_PRECISION=bf16, which autocasts only its training forward
-(generation, reference, value and reward forwards stay fp32), while our bf16 autocasts every forward.
+(generation, reference, value and reward forwards stay fp32), while our bf16 autocasts every forward;
+TRL's reward model reads a cut-off response's last token, ours reads an EOS appended to it
+(`rollout.rm_eos`, one more column in the RM forward for those rows only).
 """
 
 from __future__ import annotations

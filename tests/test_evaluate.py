@@ -111,6 +111,21 @@ def test_text_logliks_match_a_plain_loop(tiny_model_dir, tiny_tokenizer):
         assert s == pytest.approx(want, abs=1e-4)
 
 
+def test_rm_scores_append_eos_to_cut_off_answers_only(tiny_model_dir, tiny_tokenizer):
+    """rm_eos (the default, as PPO's rollout.rm_eos): a cut-off answer is scored with EOS appended."""
+    from instructrl.evaluate import rm_scores
+    from instructrl.reward import init_reward_model
+
+    rm = init_reward_model(str(tiny_model_dir)).eval()
+    msgs = [[{"role": "user", "content": "hello"}]] * 2
+    texts, ended = ["the quick brown fox", "the quick brown fox"], [True, False]
+    with_eos = rm_scores(rm, tiny_tokenizer, msgs, texts, ended, 64)
+    as_is = rm_scores(rm, tiny_tokenizer, msgs, texts, ended, 64, rm_eos=False)
+    assert with_eos[0] == pytest.approx(with_eos[1], abs=1e-5)  # cut off or not: the same finished answer
+    assert as_is[0] == pytest.approx(with_eos[0], abs=1e-5)  # an answer that ended is scored as before
+    assert abs(as_is[1] - as_is[0]) > 1e-4  # without the EOS the RM reads another position
+
+
 def test_labeler_outcome_is_symmetric_and_seeded():
     from instructrl.tasks import generate_tasks, sample_responses
     from instructrl.tasks.labelers import LabelerPool

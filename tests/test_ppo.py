@@ -224,6 +224,36 @@ def test_sampling_logprobs_equal_a_fresh_forward(tiny_model_dir, tiny_tokenizer)
     assert (g.logprobs[m > 0] < 0).all() and (g.logprobs[m == 0] == 0).all()
 
 
+def test_rm_scores_a_cut_off_response_with_eos_appended(tiny_model_dir, tiny_tokenizer):
+    """rollout.rm_eos: a truncated row is scored as prompt + response + EOS (what the RM was trained on);
+    a row that ended is scored exactly as before."""
+    from instructrl.ppo import append_eos, window
+    from instructrl.models import load_causal_lm
+    from instructrl.reward import init_reward_model, score
+
+    tok = tiny_tokenizer
+    lm = load_causal_lm(str(tiny_model_dir)).eval()
+    eos = tok.eos_token_id
+    prompts = [tok(t)["input_ids"] for t in ("hello", "the quick brown fox jumps over")]
+    # eos_id -1 matches no token: every row is cut off at max_new_tokens
+    g = sample(lm, prompts, 6, -1, tok.pad_token_id, torch.Generator().manual_seed(0))
+    assert not g.ended.any()
+    rm = init_reward_model(str(tiny_model_dir)).eval()
+    rows = torch.arange(2)
+    ids, am = window(g, rows, g.query.shape[1], g.response.shape[1])
+    with torch.no_grad():
+        got = score(rm, *append_eos(ids, am, g.ended, eos, tok.pad_token_id))
+        want = [score(rm, torch.tensor([p + g.response[i].tolist() + [eos]]), torch.ones(1, len(p) + 7, dtype=torch.long))
+                for i, p in enumerate(prompts)]
+        # a row that ended gets a padding column: its score is unchanged
+        ended = torch.tensor([True, False])
+        same = score(rm, *append_eos(ids, am, ended, eos, tok.pad_token_id))[0]
+        plain = score(rm, ids, am)[0]
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=0)
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+    assert not torch.allclose(got[0], plain)  # the EOS changes what the RM reads
+
+
 def test_stream_and_micro_batches():
     a = stream_indices(5, 0, 12, seed=3)
     assert sorted(a[:5]) == list(range(5)) and sorted(a[5:10]) == list(range(5))  # whole passes, each shuffled

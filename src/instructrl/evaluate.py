@@ -69,6 +69,8 @@ class EvalConfig:
     reference: str = param("", "reference policy for KL and best-of-N (the SFT folder); empty = policies[baseline]")
     tasks: str = param("", "held-out constraint tasks JSONL (tasks.save_tasks; prompts from held-out users); required")
     reward_model: str = param("", "reward model folder; required (RM-judged win rates, best-of-N)")
+    rm_eos: bool = param(True, "the RM scores an answer cut off at max_new_tokens with EOS appended, as PPO's "
+                               "rollout.rm_eos does (false = at its last token, as rollout.rm_eos=false)")
     best_of_n: int = param(0, "N > 0 adds the policy 'best-of-N': N samples from the reference, the RM's favourite kept")
     n_prompts: int = param(200, "prompts evaluated (a seeded subset of `tasks`); 0 = all")
     max_new_tokens: int = param(128, "response length limit")
@@ -418,10 +420,12 @@ def generate_responses(model, tok, messages_list: Sequence[list[dict]], *, max_n
 @torch.no_grad()
 def rm_scores(rm, rm_tok, messages_list: Sequence[list[dict]], texts: Sequence[str], ended: Sequence[bool],
               max_prompt_tokens: int, micro_batch_size: int = 8, amp: torch.dtype | None = None,
-              desc: str | None = None) -> list[float]:
-    """Reward-model score of each (prompt, answer): the formatting rule, EOS appended where the answer ended.
+              desc: str | None = None, rm_eos: bool = True) -> list[float]:
+    """Reward-model score of each (prompt, answer), in the formatting rule's token layout.
 
-    An answer cut at max_new_tokens is scored without EOS, exactly as PPO scores it.
+    ``rm_eos`` (PPO's ``rollout.rm_eos``): an answer cut off at max_new_tokens is scored
+    with EOS appended, as the finished answer a labeler would judge; False = scored at
+    its last token, without EOS (``ended`` says which answers emitted EOS themselves).
     """
     from tqdm.auto import tqdm
 
@@ -431,7 +435,7 @@ def rm_scores(rm, rm_tok, messages_list: Sequence[list[dict]], texts: Sequence[s
 
     rm.eval()
     prompts = encode_prompts(rm_tok, messages_list, max_prompt_tokens)
-    seqs = [p + encode_response(rm_tok, t, add_eos=e) for p, t, e in zip(prompts, texts, ended)]
+    seqs = [p + encode_response(rm_tok, t, add_eos=e or rm_eos) for p, t, e in zip(prompts, texts, ended)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = [0.0] * len(seqs)
     pad_id = rm.config.pad_token_id
@@ -606,7 +610,7 @@ def run_eval(cfg: EvalConfig, extra_sections: Sequence["ReportSection | dict | t
         s = generate(ref, ref_tok, encode_prompts(ref_tok, rep, cfg.max_prompt_tokens),
                      seed=seed_for(cfg.seed, bon_name), desc=f"eval {bon_name} (sampling {N}x)", **gen_kw)
         sc = rm_scores(rm, rm_tok, rep, s.texts, s.ended, cfg.max_prompt_tokens, cfg.micro_batch_size, amp,
-                       desc=f"RM {bon_name}")
+                       desc=f"RM {bon_name}", rm_eos=cfg.rm_eos)
         pick = best_of_n_pick(sc, N)
         samples[bon_name] = Samples([s.texts[j] for j in pick], [s.tokens[j] for j in pick],
                                     [s.ended[j] for j in pick], [best_of_n_kl(N)] * len(tasks))
@@ -619,7 +623,7 @@ def run_eval(cfg: EvalConfig, extra_sections: Sequence["ReportSection | dict | t
     # ---- 4. RM scores ----
     t0 = time.perf_counter()
     scores = {n: rm_scores(rm, rm_tok, messages, samples[n].texts, samples[n].ended, cfg.max_prompt_tokens,
-                           cfg.micro_batch_size, amp, desc=f"RM {n}") for n in names}
+                           cfg.micro_batch_size, amp, desc=f"RM {n}", rm_eos=cfg.rm_eos) for n in names}
     del rm
     timings["rm_scores"] = time.perf_counter() - t0
 

@@ -61,7 +61,12 @@ class PPORollout:
                 "auto = sampling under fp32, where both agree to ~1e-6, recompute under bf16")
     missing_eos_penalty: float | None = param(
         None, "subtract this from the score of responses that hit max_new_tokens without EOS (TRL's trick); "
-              "null = no penalty (the RM scores the truncated text as is)")
+              "null = no penalty")
+    rm_eos: bool = param(
+        True, "the RM scores a response cut off at max_new_tokens with EOS appended, as the finished (if bad) answer "
+              "a labeler would judge: reward models are trained on answers that end in EOS (every ranked response "
+              "does), so a score read at a mid-sentence token is out of distribution. false = score the last "
+              "generated token (TRL's way)")
 
     def validate(self):
         check(self.batch_size >= 1, "rollout.batch_size must be >= 1")
@@ -207,6 +212,17 @@ def window(g: Generation | Rollout, rows: torch.Tensor, p: int, r: int) -> tuple
     ids = torch.cat([g.query[rows, -p:], g.response[rows, :r]], 1)
     mask = torch.cat([g.query_mask[rows, -p:], g.response_mask[rows, :r].long()], 1)
     return ids, mask
+
+
+def append_eos(ids: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor, eos_id: int,
+               pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One more column: EOS (mask 1) on the rows that did not end, padding (mask 0) on the rest. [b, T+1]
+
+    A row that did not end fills its window to the last column (its response is the
+    longest possible), so the EOS lands right after its last token.
+    """
+    col = torch.where(ended, torch.full_like(ended, pad_id, dtype=ids.dtype), torch.full_like(ended, eos_id, dtype=ids.dtype))
+    return torch.cat([ids, col[:, None]], 1), torch.cat([mask, (~ended).to(mask.dtype)[:, None]], 1)
 
 
 def response_logits(model, ids: torch.Tensor, mask: torch.Tensor, r: int, temperature: float) -> torch.Tensor:
@@ -457,7 +473,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                 ref_logprobs[rows, :r] = gather_logprobs(response_logits(ref, ids, am, r, rc.temperature), tokens)
                 values[rows, :r] = response_values(value_model, ids, am, r).float()
                 if rm is not None:
-                    scores[rows] = rm_score(rm, ids, am).float()
+                    scores[rows] = rm_score(rm, *(append_eos(ids, am, g.ended[rows], eos_id, pad_id)
+                                                  if rc.rm_eos else (ids, am))).float()
         if reward_fn is not None:
             scores = reward_fn(g.query, g.response, mask).float()
         if rc.missing_eos_penalty is not None:
