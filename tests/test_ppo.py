@@ -95,6 +95,29 @@ def test_nonfinite_update_is_skipped_counted_and_never_saved(tiny_model_dir, pro
             assert torch.isfinite(t).all(), (sub, name)
 
 
+def test_value_warmup_moves_only_the_value_model(tiny_model_dir, prompts_file, tmp_path):
+    """train.value_warmup_steps: during the warm-up the policy stays the SFT model, the critic learns."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "warm"
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, out, "steps=3", "train.value_warmup_steps=2"),
+              reward_fn=good_fraction_reward)
+    rows = [r for r in metrics(out) if "score" in r]
+    assert [r["policy_updated"] for r in rows] == [False, False, True]
+    assert rows[0]["pg_loss"] == 0.0 and rows[0]["vf_loss"] > 0
+    # after the two warm-up steps the policy is still bitwise the initial model; the value model moved
+    warm = tmp_path / "warm2"
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, warm, "steps=2", "train.value_warmup_steps=2"),
+              reward_fn=good_fraction_reward)
+    init = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    pol = load_file(str(warm / "policy" / "model.safetensors"))
+    shared = [k for k in init if k in pol]
+    assert len(shared) == len(init) and all(torch.equal(init[k], pol[k]) for k in shared)
+    assert rows[2]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 3 samples from the unchanged policy
+    with pytest.raises(ConfigError, match="value_warmup_steps"):
+        tiny_cfg(tiny_model_dir, prompts_file, out, "train.value_warmup_steps=-1")
+
+
 def test_micro_and_scoring_batch_sizes_do_not_change_the_result(tiny_model_dir, prompts_file, tmp_path):
     """Invariance: how the batch is split for forward passes (training micro-batches, no-grad scoring
     batches) is a speed/memory knob only; the metrics and the trained weights agree to float tolerance."""

@@ -104,6 +104,10 @@ class PPOTrain:
     warmup_steps: int = param(10, "linear LR warm-up in PPO steps, from lr/10 (InstructGPT: 10 iterations)")
     weight_decay: float = param(0.0, "AdamW weight decay")
     max_grad_norm: float = param(1.0, "gradient clipping (each model separately)")
+    value_warmup_steps: int = param(0, "the first N of `steps` train only the value model: the policy samples and is "
+                                          "scored but does not move, so that its first advantages come from a critic "
+                                          "that has seen the reward (veRL's critic_warmup). An RM-initialised critic "
+                                          "starts with negative explained variance (docs/ppo.md)")
     gamma: float = param(1.0, "GAE discount; 1 = no discounting (one bandit episode per response)")
     lam: float = param(0.95, "GAE λ")
     cliprange: float = param(0.2, "PPO ratio clip ε (Schulman et al. 2017)")
@@ -124,6 +128,7 @@ class PPOTrain:
     def validate(self):
         self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.epochs >= 1, "train.epochs must be >= 1")
+        check(self.value_warmup_steps >= 0, "train.value_warmup_steps must be >= 0")
         check(self.trainable_layers >= -1, "train.trainable_layers must be -1 (all) or >= 0")
         check(self.minibatch_size >= 1 and self.micro_batch_size >= 1 and self.score_batch_size >= 1,
               "train.minibatch_size/micro_batch_size/score_batch_size must be >= 1")
@@ -497,6 +502,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         # ---- 5. PPO epochs over minibatches: policy (+ γ·ptx) and value model ----
         acc = {k: 0.0 for k in ("pg_loss", "vf_loss", "ptx_loss", "clipfrac", "approx_kl", "vf_clipfrac", "tokens")}
         n_updates = 0
+        move_policy = step >= tc.value_warmup_steps  # critic warm-up: value model only
         mb_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         for _epoch in range(tc.epochs):
             perm = torch.randperm(B, generator=mb_gen)
@@ -513,21 +519,23 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                     for rows, p, r in micro_batches(mb_rows, batch.query_mask, batch.response_mask, tc.micro_batch_size):
                         ids, am = window(batch, rows, p, r)
                         m = batch.response_mask[rows, :r]
-                        lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature), batch.response[rows, :r])
-                        pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], batch.advantages[rows, :r], m,
-                                                  tc.cliprange, n_tok)
-                        pg.backward()
+                        if move_policy:
+                            lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature),
+                                                 batch.response[rows, :r])
+                            pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], batch.advantages[rows, :r], m,
+                                                      tc.cliprange, n_tok)
+                            pg.backward()
+                            pg_total += float(pg.detach())
+                            for k in ("clipfrac", "approx_kl"):
+                                acc[k] += float(pst[k])
                         v = response_values(value_model, ids, am, r).float()
                         vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
                                                  tc.cliprange_value, n_tok)
                         vf.backward()
-                        pg_total += float(pg.detach())
                         vf_total += float(vf.detach())
-                        for k in ("clipfrac", "approx_kl"):
-                            acc[k] += float(pst[k])
                         acc["vf_clipfrac"] += float(vst["vf_clipfrac"])
-                        acc["tokens"] += float(pst["tokens"])
-                    if ptx_ids:  # PPO-ptx: γ · NLL on a batch of pretraining text, same optimizer step
+                        acc["tokens"] += float(m.sum())
+                    if ptx_ids and move_policy:  # PPO-ptx: γ · NLL on a batch of pretraining text, same optimizer step
                         texts = [ptx_ids[i] for i in stream_indices(len(ptx_ids), ptx_pos, tc.ptx_batch_size, cfg.seed + 1)]
                         ptx_pos += tc.ptx_batch_size
                         from instructrl.formatting import pad as pad_ids
@@ -544,7 +552,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                 # non-finite loss or gradient: skip that model's update, count it, never save it
                 pol_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
                 val_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), tc.max_grad_norm)
-                if math.isfinite(pg_total + ptx_total) and bool(torch.isfinite(pol_norm)):
+                if not move_policy:
+                    pass
+                elif math.isfinite(pg_total + ptx_total) and bool(torch.isfinite(pol_norm)):
                     policy_opt.step()
                 else:
                     skipped["policy"] += 1
@@ -558,7 +568,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                 acc["vf_loss"] += vf_total
                 acc["ptx_loss"] += ptx_total
                 n_updates += 1
-        policy_sched.step()
+        if move_policy:  # the policy's LR warm-up starts when the policy does
+            policy_sched.step()
         value_sched.step()
         seq_kl = float(kl.sum(1).mean())
         kl_ctl.update(seq_kl, B)
@@ -583,6 +594,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
             "pg_loss": acc["pg_loss"] / n_updates,
             "vf_loss": acc["vf_loss"] / n_updates,
             "ptx_loss": acc["ptx_loss"] / n_updates,
+            "policy_updated": move_policy,
             "skipped_policy_updates": skipped["policy"],
             "skipped_value_updates": skipped["value"],
             "lr": policy_sched.get_last_lr()[0],
