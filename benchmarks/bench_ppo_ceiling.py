@@ -52,16 +52,15 @@ def main() -> None:
     d, c = cfg.data, cfg.ppo
     sft = run / "sft" / "model"
     tok = load_tokenizer(sft)
+    name = "ppo-ceiling" + "".join("-" + o.replace("=", "").replace(".", "_") for o in args.overrides)
+    out = run / name
     ppo_cfg = load_config(PPOConfig, None, [
         f"policy={sft}", f"reference={sft}", f"reward_model={run / 'round-1' / 'rm' / 'model'}",
-        f"prompts={run / 'data' / 'ppo_tasks.jsonl'}", f"out={run / 'ppo-ceiling'}", f"steps={c.steps}",
+        f"prompts={run / 'data' / 'ppo_tasks.jsonl'}", f"out={out}", f"steps={c.steps}",
         f"seed={d.seed + 1}", f"rollout.batch_size={c.batch_size}", f"rollout.max_new_tokens={d.max_new_tokens}",
         f"train.minibatch_size={c.minibatch_size}", f"train.lr={c.lr}", f"kl.coef={c.kl_coef}",
         f"train.precision={cfg.precision}", f"train.trainable_layers={c.trainable_layers}",
         f"train.epochs={c.epochs}", f"train.warmup_steps={c.warmup_steps}", *c.extra, *args.overrides])
-    name = "ppo-ceiling" + "".join("-" + o.replace("=", "").replace(".", "_") for o in args.overrides)
-    out = run / name
-    ppo_cfg.out = str(out)
 
     # The rollout hands the reward function token ids: the prompt's ids identify its task.
     tasks = load_tasks(run / "data" / "ppo_tasks.jsonl")

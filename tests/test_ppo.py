@@ -113,6 +113,9 @@ def test_value_warmup_moves_only_the_value_model(tiny_model_dir, prompts_file, t
     pol = load_file(str(warm / "policy" / "model.safetensors"))
     shared = [k for k in init if k in pol]
     assert len(shared) == len(init) and all(torch.equal(init[k], pol[k]) for k in shared)
+    val = load_file(str(warm / "value" / "model.safetensors"))  # same trunk, so the same layer names
+    trunk = [k for k in init if k in val and k.startswith("model.layers.")]
+    assert trunk and any(not torch.equal(init[k], val[k]) for k in trunk)
     assert rows[2]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 3 samples from the unchanged policy
     with pytest.raises(ConfigError, match="value_warmup_steps"):
         tiny_cfg(tiny_model_dir, prompts_file, out, "train.value_warmup_steps=-1")

@@ -552,12 +552,11 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                 # non-finite loss or gradient: skip that model's update, count it, never save it
                 pol_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
                 val_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), tc.max_grad_norm)
-                if not move_policy:
-                    pass
-                elif math.isfinite(pg_total + ptx_total) and bool(torch.isfinite(pol_norm)):
-                    policy_opt.step()
-                else:
-                    skipped["policy"] += 1
+                if move_policy:
+                    if math.isfinite(pg_total + ptx_total) and bool(torch.isfinite(pol_norm)):
+                        policy_opt.step()
+                    else:
+                        skipped["policy"] += 1
                 if math.isfinite(vf_total) and bool(torch.isfinite(val_norm)):
                     value_opt.step()
                 else:
