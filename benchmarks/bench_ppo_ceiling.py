@@ -60,7 +60,9 @@ def main() -> None:
         f"seed={d.seed + 1}", f"rollout.batch_size={c.batch_size}", f"rollout.max_new_tokens={d.max_new_tokens}",
         f"train.minibatch_size={c.minibatch_size}", f"train.lr={c.lr}", f"kl.coef={c.kl_coef}",
         f"train.precision={cfg.precision}", f"train.trainable_layers={c.trainable_layers}",
-        f"train.epochs={c.epochs}", f"train.warmup_steps={c.warmup_steps}", *c.extra, *args.overrides])
+        f"train.epochs={c.epochs}", f"train.warmup_steps={c.warmup_steps}",
+        f"train.advantage={c.advantage}", f"rollout.samples_per_prompt={c.samples_per_prompt}",
+        *c.extra, *args.overrides])
 
     # The rollout hands the reward function token ids: the prompt's ids identify its task.
     tasks = load_tasks(run / "data" / "ppo_tasks.jsonl")

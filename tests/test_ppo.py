@@ -121,6 +121,47 @@ def test_value_warmup_moves_only_the_value_model(tiny_model_dir, prompts_file, t
         tiny_cfg(tiny_model_dir, prompts_file, out, "train.value_warmup_steps=-1")
 
 
+def test_rloo_raises_the_score_without_a_value_model(tiny_model_dir, prompts_file, tmp_path):
+    """train.advantage=rloo: critic-free, k samples per prompt; the score rises as under GAE."""
+    seen = []
+
+    def reward(q, r, m):
+        seen.append(q.clone())
+        return good_fraction_reward(q, r, m)
+
+    out = tmp_path / "rloo"
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, out, "steps=30", "kl.coef=0.2", "train.advantage=rloo",
+                       "rollout.samples_per_prompt=4"), reward_fn=reward)
+    rows = metrics(out)
+    first = sum(r["score"] for r in rows[:5]) / 5
+    last = sum(r["score"] for r in rows[-5:]) / 5
+    assert last > first + 2.0, (first, last)
+    assert max(r["kl"] for r in rows) < 25.0
+    assert all(r["vf_loss"] == 0.0 and r["explained_variance"] is None for r in rows)
+    assert not (out / "value").exists() and (out / "policy" / "config.json").exists()
+    # 16 rows = 4 prompts x 4 samples, adjacent: each group of 4 rows shares one query
+    q = seen[0].view(4, 4, -1)
+    assert all(torch.equal(q[i, 0], q[i, j]) for i in range(4) for j in range(4))
+    assert len({tuple(q[i, 0].tolist()) for i in range(4)}) == 4
+
+
+def test_rloo_resume_equals_an_uninterrupted_run(tiny_model_dir, prompts_file, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ("train.advantage=rloo", "rollout.samples_per_prompt=2", "rollout.batch_size=8",
+            "train.minibatch_size=4", "run.checkpoint_every=2")
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, tmp_path / "full", "steps=4", *args), reward_fn=good_fraction_reward)
+    part = tmp_path / "part"
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, part, "steps=2", *args), reward_fn=good_fraction_reward)
+    assert not (part / "checkpoints" / "step-000002" / "value").exists()
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, part, "steps=4", "resume=true", *args),
+              reward_fn=good_fraction_reward)
+    a = load_file(tmp_path / "full" / "policy" / "model.safetensors")
+    b = load_file(part / "policy" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["score"] for r in metrics(tmp_path / "full")] == [r["score"] for r in metrics(part)]
+
+
 def test_micro_and_scoring_batch_sizes_do_not_change_the_result(tiny_model_dir, prompts_file, tmp_path):
     """Invariance: how the batch is split for forward passes (training micro-batches, no-grad scoring
     batches) is a speed/memory knob only; the metrics and the trained weights agree to float tolerance."""
@@ -299,6 +340,13 @@ def test_config_errors_are_clear(tiny_model_dir, prompts_file, tmp_path):
         tiny_cfg(tiny_model_dir, prompts_file, tmp_path, "kl.estimator=k2")
     with pytest.raises(ConfigError, match="prompts"):
         load_config(PPOConfig, None, [])
+    with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
+        tiny_cfg(tiny_model_dir, prompts_file, tmp_path, "train.advantage=rloo")
+    with pytest.raises(ConfigError, match="divide rollout.batch_size"):
+        tiny_cfg(tiny_model_dir, prompts_file, tmp_path, "rollout.samples_per_prompt=3")
+    with pytest.raises(ConfigError, match="value_warmup_steps needs"):
+        tiny_cfg(tiny_model_dir, prompts_file, tmp_path, "train.advantage=rloo", "rollout.samples_per_prompt=2",
+                 "train.value_warmup_steps=1")
     with pytest.raises(ConfigError, match="reward_model"):
         train_ppo(tiny_cfg(tiny_model_dir, prompts_file, tmp_path / "r"))
 

@@ -7,7 +7,7 @@ import torch
 
 from instructrl.losses import ppo_policy_loss, ppo_ptx_objective, ppo_value_loss, ptx_loss
 from instructrl.rl_math import (
-    KLController, explained_variance, gae, kl_per_token, masked_mean, shape_rewards, whiten,
+    KLController, explained_variance, gae, kl_per_token, masked_mean, rloo_advantages, shape_rewards, whiten,
 )
 
 
@@ -87,6 +87,35 @@ def test_gae_matches_python_loop(gamma, lam):
     want = torch.tensor(_gae_loop(rewards.tolist(), values.tolist(), mask.tolist(), gamma, lam))
     assert torch.allclose(adv, want, atol=1e-5)
     assert torch.allclose(ret, (want + values) * mask, atol=1e-5)
+
+
+def test_rloo_hand_worked():
+    # one prompt, 3 samples with returns 3, 0, 1 (the sum of each row's shaped rewards; padding ignored):
+    # baselines (0+1)/2 = 0.5, (3+1)/2 = 2, (3+0)/2 = 1.5 -> advantages 2.5, -2, -0.5 at every real token
+    rewards = torch.tensor([[1.0, 2.0], [0.0, 9.0], [-1.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    adv = rloo_advantages(rewards, mask, 3)
+    assert torch.allclose(adv, torch.tensor([[2.5, 2.5], [-2.0, 0.0], [-0.5, -0.5]]))
+    # two prompts of k = 2 are independent: each pair's advantages are ±(difference)
+    adv = rloo_advantages(torch.tensor([[1.0], [0.0], [5.0], [5.0]]), torch.ones(4, 1), 2)
+    assert adv.flatten().tolist() == [1.0, -1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(torch.zeros(3, 1), torch.ones(3, 1), 2)
+
+
+def test_rloo_matches_python_loop():
+    g = torch.Generator().manual_seed(1)
+    k, n = 4, 3
+    rewards = torch.randn(n * k, 5, generator=g)
+    mask = (torch.rand(n * k, 5, generator=g) > 0.3).float()
+    mask[:, 0] = 1
+    adv = rloo_advantages(rewards, mask, k)
+    for i in range(n * k):
+        grp = range(i // k * k, i // k * k + k)
+        ret = [float((rewards[j] * mask[j]).sum()) for j in grp]
+        own = ret[i % k]
+        want = own - (sum(ret) - own) / (k - 1)
+        assert torch.allclose(adv[i], want * mask[i], atol=1e-5)
 
 
 def test_whiten_masked():

@@ -133,6 +133,9 @@ class PipelinePPO:
     lr: float = param(3e-5, "policy learning rate")
     epochs: int = param(1, "PPO epochs per rollout batch")
     warmup_steps: int = param(2, "LR warm-up steps (InstructGPT: 10 of thousands; a short run cannot spend half its steps warming up)")
+    advantage: Literal["gae", "rloo"] = param("gae", "gae = value model + GAE (InstructGPT); rloo = critic-free "
+                                                     "leave-one-out baseline (docs/ppo.md)")
+    samples_per_prompt: int = param(1, "responses per prompt in a PPO step (batch_size counts responses); rloo needs >= 2")
     kl_coef: float = param(0.02, "β (InstructGPT: 0.02)")
     ptx_coef: float = param(1.0, "γ for the ppo_ptx variant (see docs/ppo.md for the scale)")
     trainable_layers: int = param(8, "train only the top N blocks of policy and value model; -1 = all")
@@ -381,7 +384,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                         f"rollout.max_new_tokens={d.max_new_tokens}", f"train.minibatch_size={cfg.ppo.minibatch_size}",
                         f"train.lr={cfg.ppo.lr}", f"kl.coef={cfg.ppo.kl_coef}", f"train.precision={prec}",
                         f"train.trainable_layers={cfg.ppo.trainable_layers}", f"train.epochs={cfg.ppo.epochs}",
-                        f"train.warmup_steps={cfg.ppo.warmup_steps}",
+                        f"train.warmup_steps={cfg.ppo.warmup_steps}", f"train.advantage={cfg.ppo.advantage}",
+                        f"rollout.samples_per_prompt={cfg.ppo.samples_per_prompt}",
                         *([f"ptx_data={data_dir / 'pretrain.jsonl'}", f"train.ptx_coef={cfg.ppo.ptx_coef}"]
                           if v == "ppo_ptx" else []),
                         *(["resume=true"] if (pdir / "checkpoints").exists() else []),

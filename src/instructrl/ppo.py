@@ -50,7 +50,10 @@ KILL_ENV = "INSTRUCTRL_PPO_KILL_AFTER_STEP"
 
 @dataclass
 class PPORollout:
-    batch_size: int = param(16, "prompts (episodes) per PPO step")
+    batch_size: int = param(16, "episodes (sampled responses) per PPO step")
+    samples_per_prompt: int = param(
+        1, "responses sampled per prompt in a step: a step sees batch_size / samples_per_prompt distinct prompts. "
+           "train.advantage=rloo needs >= 2 (its baseline is the other samples of the same prompt)")
     max_prompt_tokens: int = param(256, "prompts longer than this are cut from the left (latest turns kept)")
     max_new_tokens: int = param(64, "response length limit")
     temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T = 1)")
@@ -70,6 +73,9 @@ class PPORollout:
 
     def validate(self):
         check(self.batch_size >= 1, "rollout.batch_size must be >= 1")
+        check(self.samples_per_prompt >= 1 and self.batch_size % self.samples_per_prompt == 0,
+              f"rollout.samples_per_prompt ({self.samples_per_prompt}) must be >= 1 and divide rollout.batch_size "
+              f"({self.batch_size})")
         check(self.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
         check(self.max_prompt_tokens >= 1, "rollout.max_prompt_tokens must be >= 1")
         check(self.temperature > 0, "rollout.temperature must be > 0")
@@ -108,6 +114,11 @@ class PPOTrain:
                                           "scored but does not move, so that its first advantages come from a critic "
                                           "that has seen the reward (veRL's critic_warmup). An RM-initialised critic "
                                           "starts with negative explained variance (docs/ppo.md)")
+    advantage: Literal["gae", "rloo"] = param(
+        "gae", "gae = a value model (initialised from the RM) and GAE, as InstructGPT; rloo = critic-free REINFORCE "
+               "leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): a response's advantage is its return "
+               "(score − β·ΣKL) minus the mean return of the other samples of its prompt, at every token; no value "
+               "model is loaded, run or trained. Needs rollout.samples_per_prompt >= 2")
     gamma: float = param(1.0, "GAE discount; 1 = no discounting (one bandit episode per response)")
     lam: float = param(0.95, "GAE λ")
     cliprange: float = param(0.2, "PPO ratio clip ε (Schulman et al. 2017)")
@@ -129,6 +140,8 @@ class PPOTrain:
         self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.epochs >= 1, "train.epochs must be >= 1")
         check(self.value_warmup_steps >= 0, "train.value_warmup_steps must be >= 0")
+        check(self.advantage == "gae" or self.value_warmup_steps == 0,
+              "train.value_warmup_steps needs train.advantage=gae (rloo has no value model)")
         check(self.trainable_layers >= -1, "train.trainable_layers must be -1 (all) or >= 0")
         check(self.minibatch_size >= 1 and self.micro_batch_size >= 1 and self.score_batch_size >= 1,
               "train.minibatch_size/micro_batch_size/score_batch_size must be >= 1")
@@ -171,6 +184,9 @@ class PPOConfig:
         check(self.rollout.batch_size % self.train.minibatch_size == 0,
               f"rollout.batch_size ({self.rollout.batch_size}) must be a multiple of train.minibatch_size "
               f"({self.train.minibatch_size})")
+        check(self.train.advantage != "rloo" or self.rollout.samples_per_prompt >= 2,
+              "train.advantage=rloo needs rollout.samples_per_prompt >= 2 (the baseline of a response is the "
+              "mean return of the other samples of its prompt)")
 
 
 # ---------------------------------------------------------------------------
@@ -302,16 +318,17 @@ def all_finite(model) -> bool:
 
 
 def save_checkpoint(run, step: int, policy, value_model, state: dict, keep: int) -> Path:
-    """policy/, value/ and state.pt, built under a temporary name and renamed into place."""
+    """policy/, value/ (none under rloo) and state.pt, built under a temporary name and renamed into place."""
     from instructrl.io import atomic_dir
 
     # Updates with non-finite values are skipped, so this never fires; it guards the guarantee.
-    if not (all_finite(policy) and all_finite(value_model)):
+    if not (all_finite(policy) and (value_model is None or all_finite(value_model))):
         raise RuntimeError(f"step {step}: non-finite weights; refusing to write a checkpoint")
     final = run.checkpoints / f"step-{step:06d}"
     with atomic_dir(final) as tmp:
         policy.save_pretrained(tmp / "policy", safe_serialization=True)
-        value_model.save_pretrained(tmp / "value", safe_serialization=True)
+        if value_model is not None:
+            value_model.save_pretrained(tmp / "value", safe_serialization=True)
         torch.save(state, tmp / "state.pt")
     import shutil
 
@@ -380,21 +397,28 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     policy = load_causal_lm(str(ckpt / "policy") if ckpt else policy_path)
     ref = load_causal_lm(resolve_model(cfg.reference) if cfg.reference else policy_path).eval().requires_grad_(False)
     rm = None if reward_fn is not None else load_reward_model(cfg.reward_model).eval().requires_grad_(False)
-    if ckpt:
+    critic = tc.advantage == "gae"  # rloo needs no value model
+    if not critic:
+        value_model = None
+    elif ckpt:
         value_model = load_reward_model(ckpt / "value")
     elif cfg.value_model or cfg.reward_model:
         value_model = load_reward_model(cfg.value_model or cfg.reward_model)
     else:  # a scripted reward has no weights: a fresh scalar head on the SFT trunk
         value_model = init_reward_model(policy_path)
-    for m in (policy, value_model):
+    trained = [m for m in (policy, value_model) if m is not None]
+    for m in trained:
         drop_stale_quantization(m)
         freeze_lower_layers(m, tc.trainable_layers)
     train_attention = {"model": None, "auto": None}.get(tc.attention, tc.attention)
     if tc.attention == "auto" and amp is not None and next(policy.parameters()).device.type == "cpu":
         train_attention = "eager"
     policy_opt = make_adamw([p for p in policy.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
-    value_opt = make_adamw([p for p in value_model.parameters() if p.requires_grad], tc.value_lr, tc.weight_decay)
-    policy_sched, value_sched = warmup_schedule(policy_opt, tc.warmup_steps), warmup_schedule(value_opt, tc.warmup_steps)
+    policy_sched = warmup_schedule(policy_opt, tc.warmup_steps)
+    value_opt = value_sched = None
+    if critic:
+        value_opt = make_adamw([p for p in value_model.parameters() if p.requires_grad], tc.value_lr, tc.weight_decay)
+        value_sched = warmup_schedule(value_opt, tc.warmup_steps)
     kl_ctl = rl_math.KLController(kc.coef, kc.adaptive, kc.target, kc.horizon)
 
     # --- data: prompts (token ids, left-truncated) and optional pretraining text for PPO-ptx ---
@@ -419,6 +443,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     run.info(f"{len(prompt_ids)} prompts ({trunc.prompts_cut} cut from the left to {rc.max_prompt_tokens} tokens); "
              + (f"PPO-ptx with γ={tc.ptx_coef} on {len(ptx_ids)} texts" if ptx_ids else "plain PPO (no ptx term)")
              + f"; old log-probs {'from sampling' if reuse_logprobs else 'recomputed'}"
+             + f"; advantages: {tc.advantage}" + (f" over {rc.samples_per_prompt} samples per prompt" if not critic else "")
              + f"; training attention: {train_attention or 'model default'}")
 
     # --- state that checkpoints carry ---
@@ -429,9 +454,10 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     if ckpt is not None:
         st = torch.load(ckpt / "state.pt", weights_only=False)
         policy_opt.load_state_dict(st["policy_opt"])
-        value_opt.load_state_dict(st["value_opt"])
         policy_sched.load_state_dict(st["policy_sched"])
-        value_sched.load_state_dict(st["value_sched"])
+        if critic:
+            value_opt.load_state_dict(st["value_opt"])
+            value_sched.load_state_dict(st["value_sched"])
         kl_ctl.load_state_dict(st["kl_ctl"])
         set_rng_state(st["rng"], gen)
         step, prompt_pos, ptx_pos, skipped = st["step"], st["prompt_pos"], st["ptx_pos"], st["skipped"]
@@ -451,9 +477,10 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         t0 = time.perf_counter()
         B = rc.batch_size
 
-        # ---- 1. rollout: one response per prompt, sampled from the current policy ----
-        idx = stream_indices(len(prompt_ids), prompt_pos, B, cfg.seed)
-        prompt_pos += B
+        # ---- 1. rollout: samples_per_prompt responses per prompt (adjacent rows), from the current policy ----
+        k = rc.samples_per_prompt
+        idx = [i for i in stream_indices(len(prompt_ids), prompt_pos, B // k, cfg.seed) for _ in range(k)]
+        prompt_pos += B // k
         policy.eval()
         g = sample(policy, [prompt_ids[i] for i in idx], rc.max_new_tokens, eos_id, pad_id, gen,
                    rc.temperature, rc.top_k, amp, return_logprobs=reuse_logprobs)
@@ -476,7 +503,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                     logprobs[rows, :r], entropy[rows, :r] = rl_math.logprobs_and_entropy(
                         response_logits(policy, ids, am, r, rc.temperature), tokens)
                 ref_logprobs[rows, :r] = gather_logprobs(response_logits(ref, ids, am, r, rc.temperature), tokens)
-                values[rows, :r] = response_values(value_model, ids, am, r).float()
+                if critic:
+                    values[rows, :r] = response_values(value_model, ids, am, r).float()
                 if rm is not None:
                     scores[rows] = rm_score(rm, *(append_eos(ids, am, g.ended[rows], eos_id, pad_id)
                                                   if rc.rm_eos else (ids, am))).float()
@@ -492,8 +520,12 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         beta = kl_ctl.value
         rewards, reward_stats = rl_math.shape_rewards(scores, kl, mask, beta, kc.reward_clip)
 
-        # ---- 4. advantages: GAE, then whitening over the batch ----
-        advantages, returns = rl_math.gae(rewards, values, mask, tc.gamma, tc.lam)
+        # ---- 4. advantages: GAE (or RLOO's leave-one-out baseline), then whitening over the batch ----
+        if critic:
+            advantages, returns = rl_math.gae(rewards, values, mask, tc.gamma, tc.lam)
+        else:
+            advantages = rl_math.rloo_advantages(rewards, mask, k)
+            returns = advantages  # = A + V with V = 0; no value model reads it
         if tc.whiten_advantages:
             advantages = rl_math.whiten(advantages, mask)
         batch = Rollout(g.query, g.query_mask, g.response, mask, g.ended, logprobs, ref_logprobs, values,
@@ -509,13 +541,14 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
             for start in range(0, B, tc.minibatch_size):
                 mb_rows = perm[start: start + tc.minibatch_size]
                 n_tok = batch.response_mask[mb_rows].sum()
-                policy_opt.zero_grad(set_to_none=True)
-                value_opt.zero_grad(set_to_none=True)
+                for opt in (policy_opt, value_opt):
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
                 pg_total = vf_total = ptx_total = 0.0
                 # One autocast context per optimizer step: autocast casts each weight to bf16 once and
                 # reuses the copy for every micro-batch (its cache lives as long as the context); the
                 # weights only change at the step below, outside it. Gradients are bitwise the same.
-                with autocast(), attention_implementation(train_attention, policy, value_model):
+                with autocast(), attention_implementation(train_attention, *trained):
                     for rows, p, r in micro_batches(mb_rows, batch.query_mask, batch.response_mask, tc.micro_batch_size):
                         ids, am = window(batch, rows, p, r)
                         m = batch.response_mask[rows, :r]
@@ -528,12 +561,13 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                             pg_total += float(pg.detach())
                             for k in ("clipfrac", "approx_kl"):
                                 acc[k] += float(pst[k])
-                        v = response_values(value_model, ids, am, r).float()
-                        vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
-                                                 tc.cliprange_value, n_tok)
-                        vf.backward()
-                        vf_total += float(vf.detach())
-                        acc["vf_clipfrac"] += float(vst["vf_clipfrac"])
+                        if critic:
+                            v = response_values(value_model, ids, am, r).float()
+                            vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
+                                                     tc.cliprange_value, n_tok)
+                            vf.backward()
+                            vf_total += float(vf.detach())
+                            acc["vf_clipfrac"] += float(vst["vf_clipfrac"])
                         acc["tokens"] += float(m.sum())
                     if ptx_ids and move_policy:  # PPO-ptx: γ · NLL on a batch of pretraining text, same optimizer step
                         texts = [ptx_ids[i] for i in stream_indices(len(ptx_ids), ptx_pos, tc.ptx_batch_size, cfg.seed + 1)]
@@ -551,25 +585,27 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                             ptx_total += float(pt.detach())
                 # non-finite loss or gradient: skip that model's update, count it, never save it
                 pol_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
-                val_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), tc.max_grad_norm)
                 if move_policy:
                     if math.isfinite(pg_total + ptx_total) and bool(torch.isfinite(pol_norm)):
                         policy_opt.step()
                     else:
                         skipped["policy"] += 1
-                if math.isfinite(vf_total) and bool(torch.isfinite(val_norm)):
-                    value_opt.step()
-                else:
-                    skipped["value"] += 1
+                if critic:
+                    val_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), tc.max_grad_norm)
+                    if math.isfinite(vf_total) and bool(torch.isfinite(val_norm)):
+                        value_opt.step()
+                    else:
+                        skipped["value"] += 1
+                    value_opt.zero_grad(set_to_none=True)
                 policy_opt.zero_grad(set_to_none=True)
-                value_opt.zero_grad(set_to_none=True)
                 acc["pg_loss"] += pg_total
                 acc["vf_loss"] += vf_total
                 acc["ptx_loss"] += ptx_total
                 n_updates += 1
         if move_policy:  # the policy's LR warm-up starts when the policy does
             policy_sched.step()
-        value_sched.step()
+        if critic:
+            value_sched.step()
         seq_kl = float(kl.sum(1).mean())
         kl_ctl.update(seq_kl, B)
         step += 1
@@ -587,7 +623,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
             "clipfrac": acc["clipfrac"] / max(acc["tokens"], 1),
             "approx_kl": acc["approx_kl"] / max(acc["tokens"], 1),
             "vf_clipfrac": acc["vf_clipfrac"] / max(acc["tokens"], 1),
-            "explained_variance": float(rl_math.explained_variance(values, returns, mask)),
+            "explained_variance": float(rl_math.explained_variance(values, returns, mask)) if critic else None,
             "response_length": toks / B,
             "missing_eos": float((~g.ended).float().mean()),
             "pg_loss": acc["pg_loss"] / n_updates,
@@ -610,8 +646,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         if step % cfg.run.checkpoint_every == 0 or step == cfg.steps:
             state = {
                 "step": step, "prompt_pos": prompt_pos, "ptx_pos": ptx_pos, "skipped": dict(skipped),
-                "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
-                "policy_sched": policy_sched.state_dict(), "value_sched": value_sched.state_dict(),
+                "policy_opt": policy_opt.state_dict(), "policy_sched": policy_sched.state_dict(),
+                **({"value_opt": value_opt.state_dict(), "value_sched": value_sched.state_dict()} if critic else {}),
                 "kl_ctl": kl_ctl.state_dict(), "rng": rng_state(gen),
             }
             save_checkpoint(run, step, policy, value_model, state, cfg.run.keep_checkpoints)
@@ -624,8 +660,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     with atomic_dir(run.path / "policy") as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    with atomic_dir(run.path / "value") as tmp:
-        value_model.save_pretrained(tmp, safe_serialization=True)
+    if critic:
+        with atomic_dir(run.path / "value") as tmp:
+            value_model.save_pretrained(tmp, safe_serialization=True)
     plot_reward_vs_sqrt_kl(run.read_metrics(), run.path / "reward_vs_sqrt_kl.png")
     run.info(f"done: {step} steps, skipped updates {skipped}")
     return run.path

@@ -109,6 +109,26 @@ def gae(
     return adv, (adv + values) * mask
 
 
+def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics", eq. 6).
+
+    Rows come in groups of ``k`` adjacent samples of the same prompt. A response's return is its summed
+    shaped reward (``shape_rewards``: score − β·Σ_t KL_t, no discounting); its baseline is the mean return
+    of the other k − 1 samples of its prompt, so no value model is needed and the baseline does not
+    depend on the response it judges (the estimate stays unbiased):
+
+        A_i = G_i − 1/(k−1) · Σ_{j≠i} G_j     applied at every token of response i.
+
+    rewards, mask: [B, R] with B a multiple of k >= 2. Returns advantages [B, R], 0 on padding.
+    """
+    B = rewards.shape[0]
+    if k < 2 or B % k:
+        raise ValueError(f"rloo_advantages: need k >= 2 dividing the batch ({B} rows, k={k})")
+    g = (rewards * mask).sum(1).view(B // k, k)
+    baseline = (g.sum(1, keepdim=True) - g) / (k - 1)
+    return (g - baseline).reshape(B, 1) * mask
+
+
 def explained_variance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 − Var[target − pred] / Var[target] over masked entries (1 = perfect value function)."""
     var_t = masked_var(target, mask)
