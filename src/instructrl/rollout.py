@@ -61,11 +61,12 @@ class Rollout:
     logprobs:      [B, R] float, log π_old(token t) — the rollout policy, before this batch's updates
     ref_logprobs:  [B, R] float, log π_SFT(token t) — the frozen reference
     values:        [B, R] float, V_old(state before token t) — the value model before this batch's updates
+                   (0 under train.advantage=rloo, which has no value model)
     scores:        [B]    float, RM score (normalized; missing-EOS penalty and clipping applied)
     kl:            [B, R] float, per-token KL estimate (k1 or k3)
     rewards:       [B, R] float, −β·KL at every token + score at the last token
-    advantages:    [B, R] float, whitened GAE advantages
-    returns:       [B, R] float, GAE returns (value targets, not whitened)
+    advantages:    [B, R] float, whitened GAE (or RLOO) advantages
+    returns:       [B, R] float, GAE returns (value targets, not whitened); under RLOO = advantages, unused
     All per-token tensors are 0 on padding.
     """
 
