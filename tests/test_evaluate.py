@@ -10,7 +10,7 @@ import torch
 
 from instructrl.config import ConfigError, load_config
 from instructrl.evaluate import (
-    EvalConfig, IFEvalConfig, ReportSection, best_of_n_kl, best_of_n_pick, labeler_outcome, loglik_bootstrap, mean_ci,
+    EvalConfig, IFEvalConfig, ReportSection, best_of_n_kl, best_of_n_pick, gold_gain, labeler_outcome, loglik_bootstrap, mean_ci,
     outcomes_win_rate, reward_vs_sqrt_kl, rm_gold_agreement, run_eval, run_ifeval, score_outcomes, sequence_kl, text_logliks,
     write_report,
 )
@@ -55,6 +55,19 @@ def test_best_of_n_pick():
     assert best_of_n_pick([3.0, 1.0, 2.0], 3) == [0]
     with pytest.raises(ValueError):
         best_of_n_pick([1.0, 2.0, 3.0], 2)
+
+
+def test_gold_gain_is_a_paired_difference():
+    g = gold_gain([0.8, 0.6, 1.0], [0.6, 0.6, 0.6])
+    # differences 0.2, 0, 0.4: mean 0.2, s = 0.2, half-width 1.96 * 0.2 / sqrt(3)
+    half = 1.959964 * 0.2 / math.sqrt(3)
+    assert g["mean"] == pytest.approx(0.2) and g["n"] == 3
+    assert (g["lo"], g["hi"]) == (pytest.approx(0.2 - half, abs=1e-6), pytest.approx(0.2 + half, abs=1e-6))
+    # pairing: a constant per-prompt gain has no spread, however much the prompts differ
+    c = gold_gain([0.3, 0.9, 0.5, 0.7], [0.2, 0.8, 0.4, 0.6])
+    assert c["lo"] == pytest.approx(0.1) and c["hi"] == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        gold_gain([0.1], [0.1, 0.2])
 
 
 def test_score_outcomes_and_win_rate():
@@ -218,6 +231,9 @@ def test_run_eval_end_to_end(eval_inputs, tmp_path):
         assert 0 < p["length_tokens"]["mean"] <= 8
         assert p["elo"]["lo"] <= p["elo"]["rating"] <= p["elo"]["hi"]
     assert res["elo"]["sft"]["rating"] == pytest.approx(1000.0)
+    # gold gain: the paired per-prompt difference to the baseline, exactly 0 for the baseline itself
+    assert sft["gold_gain"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 6}
+    assert ppo["gold_gain"]["mean"] == pytest.approx(ppo["gold_score"]["mean"] - sft["gold_score"]["mean"])
     # the pairwise matrix is consistent with the win rates against the baseline
     assert res["pairwise_labelers"]["ppo"]["sft"] == pytest.approx(ppo["win_rate_labelers"]["rate"])
     assert res["pairwise_labelers"]["ppo"]["sft"] + res["pairwise_labelers"]["sft"]["ppo"] == pytest.approx(1.0)

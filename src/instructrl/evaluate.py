@@ -199,6 +199,20 @@ def best_of_n_pick(scores: Sequence[float], n: int) -> list[int]:
     return [p * n + int(np.argmax(scores[p * n:(p + 1) * n])) for p in range(len(scores) // n)]
 
 
+def gold_gain(gold: Sequence[float], baseline_gold: Sequence[float], level: float = 0.95) -> dict:
+    """Mean per-prompt gold-score difference against the baseline, with a paired interval (``mean_ci``).
+
+    ``gold``, ``baseline_gold``: one gold score per prompt, same prompt order. A labeler's
+    verdict on one pair is a coin flip whenever the two answers differ by less than its
+    noise (0.165 on a [0, 1] scale, about one constraint), so the labeler win rate needs
+    a large gain before its interval leaves 0.5; the paired difference of the
+    noise-free gold scores shows a small gain (or loss) that the win rate cannot.
+    """
+    if len(gold) != len(baseline_gold):
+        raise ValueError(f"{len(gold)} vs {len(baseline_gold)} gold scores")
+    return mean_ci([a - b for a, b in zip(gold, baseline_gold)], level)
+
+
 def score_outcomes(a_scores: Sequence[float], b_scores: Sequence[float],
                    a_texts: Sequence[str] | None = None, b_texts: Sequence[str] | None = None) -> list[float]:
     """RM judgment of each prompt: 1 if a's score is higher, 0 if lower, 0.5 if equal or the texts are identical."""
@@ -659,6 +673,7 @@ def run_eval(cfg: EvalConfig, extra_sections: Sequence["ReportSection | dict | t
             "rm_minus_labeler": wr["rate"] - wl["rate"],
             "gold_satisfaction": {"rate": sat / len(tasks), "lo": lo, "hi": hi, "n": len(tasks)},
             "gold_score": mean_ci(gold[n]),
+            "gold_gain": gold_gain(gold[n], gold[base]),
             "rm_score": mean_ci(scores[n]),
             "kl": mean_ci(s.kl) if s.kl is not None else None,
             "length_tokens": mean_ci(s.tokens),
@@ -758,13 +773,16 @@ def _rm_gold_note(results: dict) -> str:
 
 def format_summary(results: dict) -> str:
     """A plain-text table of the headline numbers (what the command prints)."""
-    lines = [f"{'policy':<14} {'win(lab)':>22} {'win(RM)':>22} {'gold ok':>8} {'KL':>8} {'len':>6} {'Elo':>7}"]
+    lines = [f"{'policy':<14} {'win(lab)':>22} {'win(RM)':>22} {'gold ok':>8} {'gold gain':>24} {'KL':>8} {'len':>6} "
+             f"{'Elo':>7}"]
     for n, p in results["policies"].items():
         wl, wr = p["win_rate_labelers"], p["win_rate_rm"]
         kl = p["kl"]["mean"] if p.get("kl") else float("nan")
         elo = p["elo"]["rating"] if p.get("elo") else float("nan")
+        gg = p.get("gold_gain") or {"mean": float("nan"), "lo": float("nan"), "hi": float("nan")}
         lines.append(f"{n:<14} {wl['rate']:>6.3f} [{wl['lo']:.3f}, {wl['hi']:.3f}] {wr['rate']:>6.3f} "
-                     f"[{wr['lo']:.3f}, {wr['hi']:.3f}] {p['gold_satisfaction']['rate']:>8.3f} {kl:>8.3f} "
+                     f"[{wr['lo']:.3f}, {wr['hi']:.3f}] {p['gold_satisfaction']['rate']:>8.3f} "
+                     f"{gg['mean']:>+7.3f} [{gg['lo']:+.3f}, {gg['hi']:+.3f}] {kl:>8.3f} "
                      f"{p['length_tokens']['mean']:>6.1f} {elo:>7.0f}")
     rm_gold = _rm_gold_text(results)
     if rm_gold:
@@ -984,7 +1002,10 @@ HOW_TO_READ = [
     "policy learnt to please the reward model rather than the people it stands for: reward over-optimisation "
     "(the RM − labeler column; Gao et al. 2022, InstructGPT §4).",
     "Gold satisfaction is the share of answers that meet every constraint of their prompt, checked by rule, "
-    "with no judge at all. KL is Σ log π/π_SFT over the answer's tokens on the policy's own samples (nats): "
+    "with no judge at all. Gold gain is the mean per-prompt difference of the gold score to the baseline's "
+    "answer, with a paired interval: one labeler verdict is close to a coin flip whenever two answers differ by "
+    "less than about one constraint, so a gain too small to move the win rate's interval off 0.5 still shows "
+    "here. KL is Σ log π/π_SFT over the answer's tokens on the policy's own samples (nats): "
     "how far the policy moved from SFT. For best-of-N it is the closed form log N − (N−1)/N.",
     "Elo ratings come from a Bradley-Terry fit to every pairwise labeler comparison (every pair of policies "
     "on every prompt), anchored at baseline = 1000; 400 points mean 10:1 odds. Intervals are 95% percentile "
@@ -1083,12 +1104,13 @@ def write_report(results: dict, out_dir: str | Path,
     rows = []
     for n, p in pol.items():
         rows.append([n, _ci(p["win_rate_labelers"], "rate"), _ci(p["win_rate_rm"], "rate"), p["rm_minus_labeler"],
-                     _ci(p["gold_satisfaction"], "rate"), _ci(p["gold_score"]), _ci(p["rm_score"]), _ci(p.get("kl")),
+                     _ci(p["gold_satisfaction"], "rate"), _ci(p["gold_score"]), _ci(p.get("gold_gain")),
+                     _ci(p["rm_score"]), _ci(p.get("kl")),
                      _ci(p["length_tokens"]), p["length_words"]["mean"], p["missing_eos"],
                      _ci(p.get("elo"), "rating")])
     h.append(f"<section><h2>Summary (vs {html.escape(base)})</h2>" + _table(
         ["policy", "win rate, labelers [95% CI]", "win rate, RM [95% CI]", "RM − labelers", "gold: all constraints met",
-         "mean gold score", "mean RM score", "KL from reference (nats)", "length (tokens)", "length (words)",
+         "mean gold score", f"gold gain vs {base} (paired) [95% CI]", "mean RM score", "KL from reference (nats)", "length (tokens)", "length (words)",
          "no EOS", "Elo [95% CI]"], rows)
         + "".join(f"<p class='note'>{html.escape(n)}: {html.escape(p['note'])}</p>" for n, p in pol.items()
                   if p.get("note"))
