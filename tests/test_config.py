@@ -262,8 +262,31 @@ def test_precision_auto_picks_bf16_only_where_bf16_matmuls_are_fast(monkeypatch)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(c, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(c, "cpu_bf16_speedup", lambda: 0.6)  # the AVX512-BF16 VM where bf16 was slower
     assert c.resolve_precision("auto") == "fp32"
     assert load_config(SFTConfig, None, ["data.train=x"]).train.precision == "fp32"  # resolved at load
-    monkeypatch.setattr(c, "_cpu_has_amx", lambda: True)
+    monkeypatch.setattr(c, "cpu_bf16_speedup", lambda: 2.6)  # the AMD EPYC where it was 2.6x faster
+    assert c.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(c, "cpu_bf16_speedup", lambda: 0.6)
+    monkeypatch.setattr(c, "_cpu_has_amx", lambda: True)  # AMX: bf16 without measuring
     assert c.resolve_precision("auto") == "bf16"
     assert c.resolve_precision("fp32") == "fp32" and c.resolve_precision("bf16") == "bf16"
+
+
+def test_cpu_bf16_probe_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
+    import json
+
+    from instructrl import config as c
+
+    monkeypatch.setenv("INSTRUCTRL_HOME", str(tmp_path))
+    c.cpu_bf16_speedup.cache_clear()
+    measured = c.cpu_bf16_speedup()
+    assert measured > 0
+    kept = json.loads((tmp_path / "cpu-bf16.json").read_text())
+    (key, value), = kept.items()
+    assert value == round(measured, 3) and "threads" in key and "torch" in key
+    # a later process reads the kept figure instead of measuring again
+    (tmp_path / "cpu-bf16.json").write_text(json.dumps({key: 9.5}))
+    c.cpu_bf16_speedup.cache_clear()
+    assert c.cpu_bf16_speedup() == 9.5
+    c.cpu_bf16_speedup.cache_clear()

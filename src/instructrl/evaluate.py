@@ -89,7 +89,7 @@ class EvalConfig:
     pretrain_max_texts: int = param(200, "at most this many pretraining texts (the first ones)")
     pretrain_max_tokens: int = param(256, "each pretraining text is cut to this many tokens")
     output_dir: str = param("runs/eval", "report.html, report.json, PNGs, responses.jsonl go here")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
     threads: int = param(0, "torch CPU threads; 0 = torch's default")
     examples: int = param(3, "prompts shown with every policy's answer in the report")
 
@@ -133,7 +133,7 @@ class IFEvalConfig:
     limit: int = param(0, "evaluate only the first N rows; 0 = all")
     seed: int = param(0, "sampling seed")
     output_dir: str = param("runs/ifeval", "ifeval.json and responses.jsonl go here")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
     threads: int = param(0, "torch CPU threads; 0 = torch's default")
 
     def validate(self):

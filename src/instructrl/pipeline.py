@@ -169,7 +169,7 @@ class PipelineConfig:
     keep_checkpoints: bool = param(False, "keep the SFT and PPO stages' training checkpoints once the stage has "
                                           "saved its model (4 of the default run's 7 GB); they are only needed to "
                                           "resume a stage that was interrupted")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
     data: PipelineData = param(PipelineData(), "prompts, users, rankings")
     sft: PipelineSFT = param(PipelineSFT(), "stage 3")
     rm: PipelineRM = param(PipelineRM(), "stage 5")

@@ -129,7 +129,7 @@ class PPOTrain:
              "ptx_data (no ptx_data or 0 = plain PPO). The paper's 27.8 is in its own scale, see docs/ppo.md")
     ptx_batch_size: int = param(4, "plain-text sequences per minibatch for the ptx term")
     ptx_max_tokens: int = param(256, "pretraining sequences are cut to this many tokens")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
     trainable_layers: int = param(-1, "train only the top N blocks (+ final norm, value head) of policy and value model; -1 = all")
     attention: Literal["auto", "model", "eager", "sdpa"] = param(
         "auto", "attention kernel of the training forward/backward: auto = eager (plain matmuls) under bf16 on "

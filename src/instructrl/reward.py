@@ -563,7 +563,7 @@ class RMTrain:
     micro_batch_size: int = param(16, "sequences per forward pass in one process; whole rankings are packed")
     weight_decay: float = param(0.0, "AdamW weight decay")
     max_grad_norm: float = param(1.0, "gradient clipping norm; 0 disables")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
     trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm + head); -1 = all")
     seed: int = param(0, "seed for the split, shuffling and the head initialisation")
     log_every: int = param(1, "write a metrics row every N optimizer steps")
@@ -595,7 +595,7 @@ class RMEvalConfig:
     max_length: int = param(512, "max tokens of prompt + response (truncation as in training)")
     min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens")
     micro_batch_size: int = param(16, "sequences per forward pass")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
     errors: Literal["raise", "skip"] = param("raise", "bad rows: raise or skip (counted)")
     bootstrap: int = param(2000, "bootstrap resamples for the 95% confidence intervals")
 

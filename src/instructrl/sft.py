@@ -65,7 +65,7 @@ class SFTTrain:
     # its loss on our demonstrations from 3.50 to 11.17 nats/token (measured), i.e. it erased the
     # pretrained model. So the default is off; set 0.1-0.2 for models pretrained with dropout.
     residual_dropout: float = param(0.0, "dropout on each attention and MLP output before the residual add (paper: 0.2; see comment)")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX), else fp32; or bf16 / fp32")
+    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
     seed: int = param(0, "seed for shuffling, dropout and initialisation")
     train_prompt: bool = param(False, "also train on prompt tokens (the paper trains on responses only)")
     trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm); -1 = all (the paper)")
