@@ -425,3 +425,65 @@ def test_trainable_layers_freezes_lower_blocks_of_policy_and_value(tiny_model_di
     assert not torch.equal(before[key], after[key])
     value = load_file(str(out / "value" / "model.safetensors"))
     assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], value["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_shared_frozen_blocks_are_found_and_the_split_forward_is_the_full_forward(tmp_path, tiny_tokenizer):
+    """models.shared_frozen_blocks counts the lower blocks that policy, reference and RM hold bitwise equal
+    and frozen; running them once (lower_hidden) and the rest on that state gives the full forward."""
+    from instructrl.models import (build_tiny_model, decoder_blocks, freeze_lower_layers, load_causal_lm,
+                                   lower_hidden, shared_frozen_blocks)
+    from instructrl.ppo import append_eos, response_logits, window
+    from instructrl.reward import init_reward_model, score, token_values
+
+    path = build_tiny_model(tmp_path / "m3", layers=3)
+    policy, ref = load_causal_lm(str(path)), load_causal_lm(str(path)).eval()
+    rm = init_reward_model(str(path)).eval()
+    freeze_lower_layers(policy, 1)
+    assert shared_frozen_blocks([policy, ref, rm], [policy]) == 2  # the top block is trained: not shared
+    assert shared_frozen_blocks([policy, ref], []) == 3
+    tok = tiny_tokenizer
+    prompts = [tok(t)["input_ids"] for t in ("hi", "the quick brown fox jumps over")]  # left padding
+    g = sample(ref, prompts, 5, -1, tok.pad_token_id, torch.Generator().manual_seed(0))
+    ids, am = window(g, torch.arange(2), g.query.shape[1], g.response.shape[1])
+    rm_ids, rm_am = append_eos(ids, am, torch.tensor([True, False]), tok.eos_token_id, tok.pad_token_id)
+    with torch.no_grad():
+        h = lower_hidden(ref, rm_ids, rm_am, 2)
+        assert len(ref.model.layers) == 3 and not isinstance(ref.model.norm, torch.nn.Identity)  # restored
+        low = (h[:, :ids.shape[1]], 2)  # causal: the RM input's first columns serve the others
+        for m in (policy, ref):
+            torch.testing.assert_close(response_logits(m, ids, am, 5, 1.0, low), response_logits(m, ids, am, 5, 1.0),
+                                       atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(score(rm, rm_ids, rm_am, (h, 2)), score(rm, rm_ids, rm_am), atol=1e-5, rtol=1e-5)
+        real = rm_am.bool()
+        torch.testing.assert_close(token_values(rm, rm_ids, rm_am, (h, 2))[real], token_values(rm, rm_ids, rm_am)[real],
+                                   atol=1e-5, rtol=1e-5)
+        with decoder_blocks(ref, 2):
+            assert len(ref.model.layers) == 1
+        ref.model.layers[1].mlp.up_proj.weight[0, 0] += 1.0  # a different block 1: only block 0 is shared
+        assert shared_frozen_blocks([policy, ref, rm], [policy]) == 1
+        ref.model.embed_tokens.weight[0, 0] += 1.0  # different embeddings: nothing is
+        assert shared_frozen_blocks([policy, ref, rm], [policy]) == 0
+
+
+def test_shared_frozen_blocks_do_not_change_the_ppo_result(tiny_model_dir, prompts_file, tmp_path):
+    """train.share_frozen_blocks is a speed knob: with trainable_layers the metrics and trained weights of
+    policy and value model agree with every model running every block, to float tolerance."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for share in ("true", "false"):
+        out = tmp_path / share
+        train_ppo(tiny_cfg(tiny_model_dir, prompts_file, out, "steps=3", "train.trainable_layers=1",
+                           f"train.share_frozen_blocks={share}"), reward_fn=good_fraction_reward)
+        runs[share] = (metrics(out), load_file(out / "policy" / "model.safetensors"),
+                       load_file(out / "value" / "model.safetensors"), (out / "log.txt").read_text())
+    (ma, pa, va, la), (mb, pb, vb, lb) = runs["true"], runs["false"]
+    assert "1 blocks shared by all models" in la and "shared by all models" not in lb
+    for ra, rb in zip(ma, mb):
+        for key in ("score", "kl", "pg_loss", "vf_loss", "explained_variance"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key
+    for a, b in ((pa, pb), (va, vb)):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    top = "model.layers.1.mlp.up_proj.weight"
+    assert not torch.equal(pa[top], load_file(str(tiny_model_dir / "model.safetensors"))[top])  # it did train

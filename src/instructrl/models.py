@@ -342,3 +342,78 @@ def autocast_weight_cache(*modules: torch.nn.Module):
     finally:
         for p in frozen:
             p.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------
+# Frozen lower blocks shared by several models (PPO with train.trainable_layers)
+# ---------------------------------------------------------------------------
+
+# Decoders whose forward feeds `inputs_embeds` to the first block unchanged (Gemma, for one, scales
+# it), so that "run blocks k.. on the hidden state after block k-1" is exactly the rest of a forward.
+_PLAIN_DECODERS = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def _decoder(model):
+    return getattr(model, model.base_model_prefix)
+
+
+def shared_frozen_blocks(models, trained) -> int:
+    """How many lowest decoder blocks hold the same weights in every one of ``models`` and stay frozen.
+
+    PPO from an SFT model with ``trainable_layers = N`` has a policy, a reference and (from the RM) a
+    value model whose lowest L - N blocks are the SFT model's, bit for bit, and never change; the
+    reward model trained with the same setting shares them too. Their hidden state after those
+    blocks is then one tensor, computed once per sequence instead of once per model and pass.
+    Returns k >= 0: the input embeddings and blocks 0..k-1 are bitwise equal in all ``models``, hold
+    no trainable parameter in any of ``trained``, and the models are plain decoders of one shape.
+    """
+    if any(getattr(m.config, "model_type", None) not in _PLAIN_DECODERS for m in models):
+        return 0
+    decs = [_decoder(m) for m in models]
+    ref = decs[0]
+    for d in decs[1:]:
+        if not (torch.equal(d.embed_tokens.weight, ref.embed_tokens.weight)
+                and torch.equal(d.rotary_emb.inv_freq, ref.rotary_emb.inv_freq)
+                and d.rotary_emb.attention_scaling == ref.rotary_emb.attention_scaling):
+            return 0
+    if any(p.requires_grad for m in trained for p in _decoder(m).embed_tokens.parameters()):
+        return 0
+    limit = min(len(d.layers) for d in decs)
+    k = 0
+    while k < limit:
+        blocks = [d.layers[k] for d in decs]
+        if any(p.requires_grad for m in trained for p in _decoder(m).layers[k].parameters()):
+            break
+        params = [dict(b.named_parameters()) for b in blocks]
+        if any(p.keys() != params[0].keys() or not all(torch.equal(p[n], params[0][n]) for n in p) for p in params[1:]):
+            break
+        k += 1
+    return k
+
+
+@contextmanager
+def decoder_blocks(model, start: int, stop: int | None = None):
+    """Within the block, ``model`` runs only decoder blocks ``start:stop``.
+
+    With ``stop`` set, the final norm is skipped too, so the trunk's ``last_hidden_state`` is the
+    raw hidden state after block ``stop - 1``; with ``start`` > 0, pass that state as ``inputs_embeds``.
+    The modules themselves are untouched (same parameters, same autograd); only the list is swapped.
+    """
+    dec = _decoder(model)
+    layers, norm = dec.layers, dec.norm
+    dec.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if stop is not None:
+        dec.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        dec.layers, dec.norm = layers, norm
+
+
+def lower_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The hidden state after decoder blocks 0..k-1 (the input of block k). [B, T, H]"""
+    from instructrl.rollout import position_ids
+
+    with decoder_blocks(model, 0, k):
+        return _decoder(model)(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -131,6 +132,10 @@ class PPOTrain:
     ptx_max_tokens: int = param(256, "pretraining sequences are cut to this many tokens")
     precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
     trainable_layers: int = param(-1, "train only the top N blocks (+ final norm, value head) of policy and value model; -1 = all")
+    share_frozen_blocks: bool = param(
+        True, "with trainable_layers: run the lower blocks that policy, reference, RM and value model hold "
+              "bitwise equal and frozen (all started from one SFT model) once per sequence, and reuse that "
+              "hidden state in scoring and training (docs/ppo.md, Speed); false = every model runs every block")
     attention: Literal["auto", "model", "eager", "sdpa"] = param(
         "auto", "attention kernel of the training forward/backward: auto = eager (plain matmuls) under bf16 on "
                 "CPU, where the fused kernel's bf16 backward is slow (docs/ppo.md, Speed), else the model's "
@@ -246,14 +251,21 @@ def append_eos(ids: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor, eos_i
     return torch.cat([ids, col[:, None]], 1), torch.cat([mask, (~ended).to(mask.dtype)[:, None]], 1)
 
 
-def response_logits(model, ids: torch.Tensor, mask: torch.Tensor, r: int, temperature: float) -> torch.Tensor:
+def response_logits(model, ids: torch.Tensor, mask: torch.Tensor, r: int, temperature: float,
+                    lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """Logits that predict the ``r`` response tokens, [b, r, V] float32.
 
     Only the last r + 1 positions go through the unembedding (``logits_to_keep``):
     the prompt's positions would cost a [P, V] matmul and softmax for nothing.
+    ``lower = (h, k)``: start from ``h``, the hidden state after blocks 0..k-1 shared with other
+    models (``models.lower_hidden``); ``ids`` is then unused.
     """
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                logits_to_keep=r + 1)
+    from instructrl.models import decoder_blocks
+
+    inputs = {"input_ids": ids} if lower is None else {"inputs_embeds": lower[0]}
+    with decoder_blocks(model, lower[1]) if lower is not None else nullcontext():
+        out = model(**inputs, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                    logits_to_keep=r + 1)
     logits = out.logits[:, :-1].float()
     return logits if temperature == 1.0 else logits / temperature  # skip a [b, r, V] copy at T = 1
 
@@ -263,11 +275,12 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def response_values(value_model, ids: torch.Tensor, mask: torch.Tensor, r: int) -> torch.Tensor:
+def response_values(value_model, ids: torch.Tensor, mask: torch.Tensor, r: int,
+                    lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """V(state before response token t) for t < r: the scalar head at positions P−1 .. P+r−2. [b, r]"""
     from instructrl.reward import token_values
 
-    return token_values(value_model, ids, mask)[:, -r - 1: -1]
+    return token_values(value_model, ids, mask, lower)[:, -r - 1: -1]
 
 
 def warmup_schedule(optimizer, warmup: int):
@@ -370,7 +383,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     from instructrl.data import load_prompts, load_text_corpus
     from instructrl.formatting import TruncationStats, encode_prompt
     from instructrl.io import RunDir, atomic_dir
-    from instructrl.models import attention_implementation, autocast_weight_cache, freeze_lower_layers, load_causal_lm, load_tokenizer, make_adamw, resolve_model
+    from instructrl.models import (attention_implementation, autocast_weight_cache, freeze_lower_layers, load_causal_lm,
+                                   load_tokenizer, lower_hidden, make_adamw, resolve_model, shared_frozen_blocks)
     from instructrl.reward import init_reward_model, load_reward_model, score as rm_score
 
     rc, kc, tc = cfg.rollout, cfg.kl, cfg.train
@@ -410,6 +424,10 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     for m in trained:
         drop_stale_quantization(m)
         freeze_lower_layers(m, tc.trainable_layers)
+    # blocks 0..share-1: the same frozen weights in every model, run once per sequence (docs/ppo.md, Speed)
+    share = 0
+    if tc.share_frozen_blocks and tc.trainable_layers >= 0:
+        share = shared_frozen_blocks([m for m in (policy, ref, rm, value_model) if m is not None], trained)
     train_attention = {"model": None, "auto": None}.get(tc.attention, tc.attention)
     if tc.attention == "auto" and amp is not None and next(policy.parameters()).device.type == "cpu":
         train_attention = "eager"
@@ -444,7 +462,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
              + (f"PPO-ptx with γ={tc.ptx_coef} on {len(ptx_ids)} texts" if ptx_ids else "plain PPO (no ptx term)")
              + f"; old log-probs {'from sampling' if reuse_logprobs else 'recomputed'}"
              + f"; advantages: {tc.advantage}" + (f" over {rc.samples_per_prompt} samples per prompt" if not critic else "")
-             + f"; training attention: {train_attention or 'model default'}")
+             + f"; training attention: {train_attention or 'model default'}"
+             + (f"; lower {share} blocks shared by all models, run once per sequence" if share else ""))
 
     # --- state that checkpoints carry ---
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -492,22 +511,32 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         # ---- 2. score: old log-probs, reference log-probs, entropy, values, RM score (no grad) ----
         logprobs, ref_logprobs, entropy, values = (torch.zeros(B, R) for _ in range(4))
         scores = torch.zeros(B)
+        P = g.query.shape[1]
+        # the shared lower blocks' output for every sequence, in the rollout's columns (+1 for the RM's EOS)
+        lower_all = torch.zeros(B, P + R + 1, policy.config.hidden_size) if share else None
         scoring_models = [m for m in (policy, ref, value_model, rm) if m is not None] if amp is not None else []
         with torch.no_grad(), autocast_weight_cache(*scoring_models), autocast():  # no_grad: see rollout.sample
             for rows, p, r in micro_batches(torch.arange(B), g.query_mask, mask, tc.score_batch_size):
                 ids, am = window(g, rows, p, r)
+                rm_ids, rm_am = (append_eos(ids, am, g.ended[rows], eos_id, pad_id) if rm is not None and rc.rm_eos
+                                 else (ids, am))
+                low = rm_low = None
+                if share:  # causal: the first columns of the RM's input give everyone else's hidden state
+                    h = lower_hidden(ref, rm_ids, rm_am, share)
+                    lower_all[rows, P - p: P - p + h.shape[1]] = h.float()
+                    low, rm_low = (h[:, :ids.shape[1]], share), (h, share)
                 tokens = g.response[rows, :r]
                 if reuse_logprobs:
                     logprobs[rows, :r], entropy[rows, :r] = g.logprobs[rows, :r], g.entropy[rows, :r]
                 else:
                     logprobs[rows, :r], entropy[rows, :r] = rl_math.logprobs_and_entropy(
-                        response_logits(policy, ids, am, r, rc.temperature), tokens)
-                ref_logprobs[rows, :r] = gather_logprobs(response_logits(ref, ids, am, r, rc.temperature), tokens)
+                        response_logits(policy, ids, am, r, rc.temperature, low), tokens)
+                ref_logprobs[rows, :r] = gather_logprobs(response_logits(ref, ids, am, r, rc.temperature, low),
+                                                         tokens)
                 if critic:
-                    values[rows, :r] = response_values(value_model, ids, am, r).float()
+                    values[rows, :r] = response_values(value_model, ids, am, r, low).float()
                 if rm is not None:
-                    scores[rows] = rm_score(rm, *(append_eos(ids, am, g.ended[rows], eos_id, pad_id)
-                                                  if rc.rm_eos else (ids, am))).float()
+                    scores[rows] = rm_score(rm, rm_ids, rm_am, rm_low).float()
         if reward_fn is not None:
             scores = reward_fn(g.query, g.response, mask).float()
         if rc.missing_eos_penalty is not None:
@@ -552,8 +581,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                     for rows, p, r in micro_batches(mb_rows, batch.query_mask, batch.response_mask, tc.micro_batch_size):
                         ids, am = window(batch, rows, p, r)
                         m = batch.response_mask[rows, :r]
+                        low = (lower_all[rows, P - p: P + r], share) if share else None  # frozen: no grad needed
                         if move_policy:
-                            lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature),
+                            lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature, low),
                                                  batch.response[rows, :r])
                             pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], batch.advantages[rows, :r], m,
                                                       tc.cliprange, n_tok)
@@ -562,7 +592,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                             for k in ("clipfrac", "approx_kl"):
                                 acc[k] += float(pst[k])
                         if critic:
-                            v = response_values(value_model, ids, am, r).float()
+                            v = response_values(value_model, ids, am, r, low).float()
                             vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
                                                      tc.cliprange_value, n_tok)
                             vf.backward()

@@ -186,33 +186,47 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (idx * (attention_mask != 0)).argmax(-1)
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states of the trunk. [B, T, H]"""
-    out = _trunk(model)(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return out.last_hidden_state
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """Final hidden states of the trunk. [B, T, H]
+
+    ``lower = (h, k)``: ``h`` [B, T, H] is the hidden state after the model's blocks 0..k-1 for these
+    inputs (``models.lower_hidden``, shared with other models); only blocks k.. run.
+    """
+    from instructrl.models import decoder_blocks
+
+    pos = position_ids_from_mask(attention_mask)
+    if lower is None:
+        return _trunk(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                             use_cache=False).last_hidden_state
+    with decoder_blocks(model, lower[1]):
+        return _trunk(model)(inputs_embeds=lower[0], attention_mask=attention_mask, position_ids=pos,
+                             use_cache=False).last_hidden_state
 
 
-def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+          lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """Reward of each sequence: head output at its last real token, plus the normalization bias.
 
     input_ids, attention_mask: [B, T] (left or right padded). Returns [B] float32.
     Only the gathered positions go through the head (one H-vector per row).
+    ``lower``: see :func:`hidden_states`.
     """
-    h = hidden_states(model, input_ids, attention_mask)
+    h = hidden_states(model, input_ids, attention_mask, lower)
     last = last_token_index(attention_mask)
     picked = h[torch.arange(h.shape[0], device=h.device), last]  # [B, H]
     return model.score(picked).squeeze(-1).float() + get_bias(model)
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """The scalar head at every position, plus the bias. [B, T] float32.
 
     ``token_values(...)[b, last_token_index(mask)[b]] == score(...)[b]``. The PPO
     value model is initialised from the RM (InstructGPT §3.5) and reads this.
-    Values at padding positions are meaningless; mask them.
+    Values at padding positions are meaningless; mask them. ``lower``: see :func:`hidden_states`.
     """
-    h = hidden_states(model, input_ids, attention_mask)
+    h = hidden_states(model, input_ids, attention_mask, lower)
     return model.score(h).squeeze(-1).float() + get_bias(model)
 
 
