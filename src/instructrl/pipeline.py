@@ -161,7 +161,7 @@ class PipelineEval:
 class PipelineConfig:
     model: str = param("default", "the pretrained model: 'default' (embedded SmolLM2-135M-Instruct) or a folder")
     output_dir: str = param("runs/pipeline", "run folder for every stage")
-    preset: str = param("default", "default (17-20 min on a 2-core AMX CPU, 26 min on a 2-core AMD EPYC; README), "
+    preset: str = param("default", "default (17-20 min on a 2-core AMX CPU, 22 min on a 2-core AMD EPYC; README), "
                                    "quick (~4 min), tiny (tests); applied first")
     rounds: int = param(1, "iterated online rounds: rank -> RM -> PPO repeated on the current policy")
     only: str = param("", "re-run just this stage (and, for rank/rm/ppo, of round `round`)")
