@@ -232,9 +232,7 @@ def resolve_precision(precision: str) -> str:
 
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if _cpu_has_amx():
-        return "bf16"
-    return "bf16" if cpu_bf16_speedup() >= 1.5 else "fp32"
+    return "bf16" if _cpu_has_amx() or cpu_bf16_speedup() >= 1.5 else "fp32"
 
 
 def _cpu_has_amx() -> bool:
@@ -264,14 +262,14 @@ def cpu_bf16_speedup() -> float:
     kept in ``$INSTRUCTRL_HOME/cpu-bf16.json`` so that every run on the machine, a resumed one
     included, resolves ``auto`` the same way.
     """
-    import os
     import time
 
     import torch
 
     from instructrl.io import atomic_write_text
+    from instructrl.models import instructrl_home
 
-    home = Path(os.environ.get("INSTRUCTRL_HOME", Path.home() / ".cache" / "instructrl"))
+    home = instructrl_home()
     key = f"{_cpu_info()[0]} | threads {torch.get_num_threads()} | torch {torch.__version__}"
     cache = home / "cpu-bf16.json"
     try:

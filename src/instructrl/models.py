@@ -266,6 +266,11 @@ def make_adamw(params: list, lr: float, weight_decay: float = 0.0) -> torch.opti
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def decoder(model):
+    """The decoder stack (embeddings, blocks, final norm) of a causal LM or a reward/value model."""
+    return getattr(model, model.base_model_prefix)
+
+
 def freeze_lower_layers(model, trainable_layers: int) -> int:
     """Train only the top ``trainable_layers`` blocks, the final norm and the head (-1 = everything).
 
@@ -277,7 +282,7 @@ def freeze_lower_layers(model, trainable_layers: int) -> int:
     Returns the number of trainable parameters.
     """
     if trainable_layers >= 0:
-        trunk = getattr(model, model.base_model_prefix)
+        trunk = decoder(model)
         layers = getattr(trunk, "layers", None)
         if layers is None:
             raise ValueError(f"train.trainable_layers: cannot find the decoder layers of {type(trunk).__name__}")
@@ -353,10 +358,6 @@ def autocast_weight_cache(*modules: torch.nn.Module):
 _PLAIN_DECODERS = {"llama", "mistral", "qwen2", "qwen3"}
 
 
-def _decoder(model):
-    return getattr(model, model.base_model_prefix)
-
-
 def shared_frozen_blocks(models, trained) -> int:
     """How many lowest decoder blocks hold the same weights in every one of ``models`` and stay frozen.
 
@@ -369,20 +370,20 @@ def shared_frozen_blocks(models, trained) -> int:
     """
     if any(getattr(m.config, "model_type", None) not in _PLAIN_DECODERS for m in models):
         return 0
-    decs = [_decoder(m) for m in models]
+    decs = [decoder(m) for m in models]
     ref = decs[0]
     for d in decs[1:]:
         if not (torch.equal(d.embed_tokens.weight, ref.embed_tokens.weight)
                 and torch.equal(d.rotary_emb.inv_freq, ref.rotary_emb.inv_freq)
                 and d.rotary_emb.attention_scaling == ref.rotary_emb.attention_scaling):
             return 0
-    if any(p.requires_grad for m in trained for p in _decoder(m).embed_tokens.parameters()):
+    if any(p.requires_grad for m in trained for p in decoder(m).embed_tokens.parameters()):
         return 0
     limit = min(len(d.layers) for d in decs)
     k = 0
     while k < limit:
         blocks = [d.layers[k] for d in decs]
-        if any(p.requires_grad for m in trained for p in _decoder(m).layers[k].parameters()):
+        if any(p.requires_grad for m in trained for p in decoder(m).layers[k].parameters()):
             break
         params = [dict(b.named_parameters()) for b in blocks]
         if any(p.keys() != params[0].keys() or not all(torch.equal(p[n], params[0][n]) for n in p) for p in params[1:]):
@@ -399,7 +400,7 @@ def decoder_blocks(model, start: int, stop: int | None = None):
     raw hidden state after block ``stop - 1``; with ``start`` > 0, pass that state as ``inputs_embeds``.
     The modules themselves are untouched (same parameters, same autograd); only the list is swapped.
     """
-    dec = _decoder(model)
+    dec = decoder(model)
     layers, norm = dec.layers, dec.norm
     dec.layers = torch.nn.ModuleList(list(layers)[start:stop])
     if stop is not None:
@@ -415,5 +416,5 @@ def lower_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
     from instructrl.rollout import position_ids
 
     with decoder_blocks(model, 0, k):
-        return _decoder(model)(input_ids=input_ids, attention_mask=attention_mask,
+        return decoder(model)(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state

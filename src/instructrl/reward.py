@@ -44,6 +44,7 @@ from instructrl.config import check, param, resolve_precision
 from instructrl.data import Demonstration, Ranking, load_demonstrations, load_rankings
 from instructrl.formatting import TruncationStats, build_example, encode_prompt, encode_response, pad, truncate
 from instructrl.io import DataError
+from instructrl.models import decoder, decoder_blocks
 
 BIAS_KEY = "reward_bias"  # config.json key holding the normalization bias
 
@@ -168,10 +169,6 @@ def set_bias(model, bias: float) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _trunk(model):
-    return getattr(model, model.base_model_prefix)
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... over the real tokens of each row, whatever the padding side. [B, T] long."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -193,14 +190,12 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     ``lower = (h, k)``: ``h`` [B, T, H] is the hidden state after the model's blocks 0..k-1 for these
     inputs (``models.lower_hidden``, shared with other models); only blocks k.. run.
     """
-    from instructrl.models import decoder_blocks
-
     pos = position_ids_from_mask(attention_mask)
     if lower is None:
-        return _trunk(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+        return decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                              use_cache=False).last_hidden_state
     with decoder_blocks(model, lower[1]):
-        return _trunk(model)(inputs_embeds=lower[0], attention_mask=attention_mask, position_ids=pos,
+        return decoder(model)(inputs_embeds=lower[0], attention_mask=attention_mask, position_ids=pos,
                              use_cache=False).last_hidden_state
 
 
