@@ -27,11 +27,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from instructrl.config import load_config
-    from instructrl.evaluate import EvalConfig, run_eval
+    from instructrl.evaluation.evaluate import EvalConfig, run_eval
     from instructrl.io import write_jsonl
     from instructrl.models import load_tokenizer
-    from instructrl.ppo import drop_stale_quantization
-    from instructrl.reward import init_reward_model, save_reward_model
+    from instructrl.train.ppo import drop_stale_quantization
+    from instructrl.train.rm import init_reward_model, save_reward_model
     from instructrl.tasks import generate_tasks, save_tasks
 
     with tempfile.TemporaryDirectory() as d:

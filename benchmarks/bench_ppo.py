@@ -46,7 +46,7 @@ def prepare(steps: int) -> tuple[Path, Path]:
     from instructrl.data import load_rankings, prompt_row, PromptRecord
     from instructrl.io import write_jsonl
     from instructrl.models import load_tokenizer
-    from instructrl.reward import init_reward_model, save_reward_model
+    from instructrl.train.rm import init_reward_model, save_reward_model
 
     WORK.mkdir(parents=True, exist_ok=True)
     prompts = WORK / f"prompts-{steps}.jsonl"
@@ -57,7 +57,7 @@ def prepare(steps: int) -> tuple[Path, Path]:
         write_jsonl(prompts, (prompt_row(PromptRecord(r.id, r.messages)) for r in rankings))
     rm = WORK / "rm"
     if not (rm / "config.json").exists():
-        from instructrl.ppo import drop_stale_quantization
+        from instructrl.train.ppo import drop_stale_quantization
 
         save_reward_model(drop_stale_quantization(init_reward_model(None)), load_tokenizer(None), rm)
     return prompts, rm
@@ -72,7 +72,7 @@ def run_ours(precision: str, steps: int, prompts: Path, rm: Path) -> dict:
 
     from instructrl.config import load_config
     from instructrl.io import RunDir
-    from instructrl.ppo import PPOConfig, train_ppo
+    from instructrl.train.ppo import PPOConfig, train_ppo
 
     out = WORK / f"ours-{precision}"
     shutil.rmtree(out, ignore_errors=True)

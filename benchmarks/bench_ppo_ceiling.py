@@ -39,12 +39,12 @@ def main() -> None:
     import torch
 
     from instructrl.config import load_config
-    from instructrl.evaluate import EvalConfig, run_eval
+    from instructrl.evaluation.evaluate import EvalConfig, run_eval
     from instructrl.formatting import encode_prompt
     from instructrl.generation import decode_responses
     from instructrl.models import load_tokenizer
     from instructrl.pipeline import load_pipeline_config
-    from instructrl.ppo import PPOConfig, train_ppo
+    from instructrl.train.ppo import PPOConfig, train_ppo
     from instructrl.tasks import load_tasks
     from instructrl.tasks.constraints import gold_score
 

@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--out", default="", help="run folder (default: a temporary folder)")
     args = ap.parse_args()
 
-    from instructrl.reward import RMConfig, train_rm
+    from instructrl.train.rm import RMConfig, train_rm
     from instructrl.config import load_config
 
     with gzip.open(args.data, "rt", encoding="utf-8") as f:

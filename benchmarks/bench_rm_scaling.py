@@ -44,11 +44,11 @@ def main() -> None:
     import torch
 
     from instructrl.data import ranking_row
-    from instructrl.evaluate import rm_gold_agreement, rm_scores
+    from instructrl.evaluation.evaluate import rm_gold_agreement, rm_scores
     from instructrl.io import atomic_write_text, read_jsonl, write_jsonl
     from instructrl.models import load_causal_lm, load_tokenizer
     from instructrl.pipeline import load_pipeline_config, rm_stage_config, sample_and_rank
-    from instructrl.reward import load_reward_model, train_rm
+    from instructrl.train.rm import load_reward_model, train_rm
     from instructrl.tasks import generate_tasks, load_tasks
     from instructrl.tasks.generator import split_by_user
     from instructrl.tasks.labelers import LabelerPool

@@ -32,9 +32,9 @@ import time
 import torch
 
 from instructrl.formatting import encode_prompt, encode_response, truncate
-from instructrl.losses import kwise_ranking_loss
+from instructrl.core.losses import kwise_ranking_loss
 from instructrl.models import load_tokenizer, make_adamw
-from instructrl.reward import (RewardScorer, TokenizedRanking, collate_rankings, init_reward_model,
+from instructrl.train.rm import (RewardScorer, TokenizedRanking, collate_rankings, init_reward_model,
                                pack_rankings)
 
 WORDS = ("the a garden river quiet bright answer kindly useful tea leaves sea poem morning light careful simple "

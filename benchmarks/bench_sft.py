@@ -40,7 +40,7 @@ def worker(precision: str, steps: int, seq: int, batch: int, out: Path) -> None:
 
     from instructrl.config import load_config
     from instructrl.models import load_causal_lm, load_tokenizer, resolve_model
-    from instructrl.sft import SFTConfig, train_sft
+    from instructrl.train.sft import SFTConfig, train_sft
 
     model = resolve_model("default")
     tok = load_tokenizer(model)

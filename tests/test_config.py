@@ -257,14 +257,16 @@ def test_mutable_default_needs_factory():
 def test_precision_auto_picks_bf16_only_where_bf16_matmuls_are_fast(monkeypatch):
     import torch
 
-    from instructrl import config as c
-    from instructrl.sft import SFTConfig
+    from instructrl import runtime as c
+    from instructrl.train.sft import SFTConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(c, "_cpu_has_amx", lambda: False)
     monkeypatch.setattr(c, "cpu_bf16_speedup", lambda: 0.6)  # the AVX512-BF16 VM where bf16 was slower
     assert c.resolve_precision("auto") == "fp32"
-    assert load_config(SFTConfig, None, ["data.train=x"]).train.precision == "fp32"  # resolved at load
+    # validate() never probes hardware: the config keeps "auto"; the runtime resolves it when a command starts
+    assert load_config(SFTConfig, None, ["data.train=x"]).train.precision == "auto"
+    assert c.make_runtime("cpu", "auto").precision == "fp32"
     monkeypatch.setattr(c, "cpu_bf16_speedup", lambda: 2.6)  # the AMD EPYC where it was 2.6x faster
     assert c.resolve_precision("auto") == "bf16"
     monkeypatch.setattr(c, "cpu_bf16_speedup", lambda: 0.6)
@@ -276,7 +278,7 @@ def test_precision_auto_picks_bf16_only_where_bf16_matmuls_are_fast(monkeypatch)
 def test_cpu_bf16_probe_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
     import json
 
-    from instructrl import config as c
+    from instructrl import runtime as c
 
     monkeypatch.setenv("INSTRUCTRL_HOME", str(tmp_path))
     c.cpu_bf16_speedup.cache_clear()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from instructrl.config import ConfigError, load_config
-from instructrl.evaluate import (
+from instructrl.evaluation.evaluate import (
     EvalConfig, IFEvalConfig, ReportSection, best_of_n_kl, best_of_n_pick, gold_gain, labeler_outcome, loglik_bootstrap, mean_ci,
     outcomes_win_rate, reward_vs_sqrt_kl, rm_gold_agreement, run_eval, run_ifeval, score_outcomes, sequence_kl, text_logliks,
     write_report,
@@ -126,8 +126,8 @@ def test_text_logliks_match_a_plain_loop(tiny_model_dir, tiny_tokenizer):
 
 def test_rm_scores_append_eos_to_cut_off_answers_only(tiny_model_dir, tiny_tokenizer):
     """rm_eos (the default, as PPO's rollout.rm_eos): a cut-off answer is scored with EOS appended."""
-    from instructrl.evaluate import rm_scores
-    from instructrl.reward import init_reward_model
+    from instructrl.evaluation.evaluate import rm_scores
+    from instructrl.train.rm import init_reward_model
 
     rm = init_reward_model(str(tiny_model_dir)).eval()
     msgs = [[{"role": "user", "content": "hello"}]] * 2
@@ -186,7 +186,7 @@ def test_config_validation():
 def eval_inputs(tmp_path_factory, tiny_model_dir):
     from instructrl.io import write_jsonl
     from instructrl.models import build_tiny_model, load_tokenizer
-    from instructrl.reward import init_reward_model, save_reward_model
+    from instructrl.train.rm import init_reward_model, save_reward_model
     from instructrl.tasks import generate_tasks, save_tasks
 
     d = tmp_path_factory.mktemp("eval")
@@ -331,7 +331,7 @@ def test_ifeval_plumbing_with_tiny_model(tiny_model_dir, tmp_path):
 
 
 def test_ifeval_gives_credit_to_passing_answers(tiny_model_dir, tmp_path, monkeypatch):
-    import instructrl.evaluate as ev
+    import instructrl.evaluation.evaluate as ev
 
     good = {
         1003: "My answer is yes.",

@@ -13,7 +13,7 @@ from instructrl.formatting import (
     pad,
     truncate,
 )
-from instructrl.losses import sft_loss
+from instructrl.core.losses import sft_loss
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "write a short poem about the sea"}]
 

@@ -91,7 +91,7 @@ def test_run_dir(tmp_path):
 
 def test_run_dir_saves_resolved_config(tmp_path):
     from instructrl.config import load_config
-    from instructrl.sft import SFTConfig
+    from instructrl.train.sft import SFTConfig
 
     cfg = load_config(SFTConfig, None, ["data.train=x.jsonl", "train.lr=3e-5"])
     RunDir(tmp_path / "run").save_config(cfg)

@@ -6,7 +6,7 @@ import pytest
 
 from instructrl.data import load_rankings, ranking_row
 from instructrl.io import write_jsonl
-from instructrl.stats import pairwise_agreement
+from instructrl.core.stats import pairwise_agreement
 from instructrl.tasks import generate_tasks, gold_score, sample_responses, satisfies_all
 from instructrl.tasks.labelers import DEFAULT_NOISE, LabelerPool, SimulatedLabeler, ranking_labels
 

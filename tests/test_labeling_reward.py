@@ -9,7 +9,7 @@ from labeling_util import make_project, prompts
 from instructrl.data import load_demonstrations, load_rankings
 from instructrl.hygiene import HygieneConfig, clean_prompts
 
-reward = pytest.importorskip("instructrl.reward")
+reward = pytest.importorskip("instructrl.train.rm")
 
 
 def test_export_labeled_project_and_train_reward_model(tmp_path, tiny_model_dir):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from instructrl.losses import kwise_ranking_loss
+from instructrl.core.losses import kwise_ranking_loss
 
 
 def sp(x):  # softplus(x) = log(1 + e^x); -log σ(d) = sp(-d)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from instructrl.config import ConfigError, load_config
-from instructrl.ppo import KILL_ENV, PPOConfig, micro_batches, stream_indices, train_ppo
+from instructrl.train.ppo import KILL_ENV, PPOConfig, micro_batches, stream_indices, train_ppo
 from instructrl.rollout import sample
 
 PROMPTS = ["write a poem", "hello world", "answer in three words", "use a numbered list",
@@ -273,8 +273,8 @@ def test_sampling_respects_left_padding_and_eos(tiny_model_dir, tiny_tokenizer):
 def test_sampling_logprobs_equal_a_fresh_forward(tiny_model_dir, tiny_tokenizer):
     """old_logprobs=sampling reuses the sampler's logits: they must match the recomputed ones (fp32)."""
     from instructrl.models import load_causal_lm
-    from instructrl.ppo import gather_logprobs, response_logits, window
-    from instructrl import rl_math
+    from instructrl.train.ppo import gather_logprobs, response_logits, window
+    from instructrl.core import rl_math
 
     model = load_causal_lm(str(tiny_model_dir)).eval()
     tok = tiny_tokenizer
@@ -294,9 +294,9 @@ def test_sampling_logprobs_equal_a_fresh_forward(tiny_model_dir, tiny_tokenizer)
 def test_rm_scores_a_cut_off_response_with_eos_appended(tiny_model_dir, tiny_tokenizer):
     """rollout.rm_eos: a truncated row is scored as prompt + response + EOS (what the RM was trained on);
     a row that ended is scored exactly as before."""
-    from instructrl.ppo import append_eos, window
+    from instructrl.train.ppo import append_eos, window
     from instructrl.models import load_causal_lm
-    from instructrl.reward import init_reward_model, score
+    from instructrl.train.rm import init_reward_model, score
 
     tok = tiny_tokenizer
     lm = load_causal_lm(str(tiny_model_dir)).eval()
@@ -366,7 +366,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tiny_model_dir, pro
     import yaml
     from safetensors.torch import load_file
 
-    from instructrl.reward import init_reward_model, save_reward_model
+    from instructrl.train.rm import init_reward_model, save_reward_model
     from instructrl.models import load_tokenizer
 
     rm = save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), tmp_path / "rm")
@@ -432,8 +432,8 @@ def test_shared_frozen_blocks_are_found_and_the_split_forward_is_the_full_forwar
     and frozen; running them once (lower_hidden) and the rest on that state gives the full forward."""
     from instructrl.models import (build_tiny_model, decoder_blocks, freeze_lower_layers, load_causal_lm,
                                    lower_hidden, shared_frozen_blocks)
-    from instructrl.ppo import append_eos, response_logits, window
-    from instructrl.reward import init_reward_model, score, token_values
+    from instructrl.train.ppo import append_eos, response_logits, window
+    from instructrl.train.rm import init_reward_model, score, token_values
 
     path = build_tiny_model(tmp_path / "m3", layers=3)
     policy, ref = load_causal_lm(str(path)), load_causal_lm(str(path)).eval()

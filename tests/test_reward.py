@@ -10,8 +10,8 @@ import torch
 from instructrl.cli import main
 from instructrl.data import Demonstration, Ranking
 from instructrl.formatting import build_example, pad
-from instructrl.losses import kwise_ranking_loss
-from instructrl.reward import (
+from instructrl.core.losses import kwise_ranking_loss
+from instructrl.train.rm import (
     RankingTruncation, RewardScorer, collate_rankings, comparison_metrics, comparison_table, get_bias,
     init_reward_model, last_token_index, load_reward_model, normalize_bias, pack_rankings, save_reward_model, score,
     set_bias, token_values, tokenize_rankings, calibration_bins,
@@ -131,7 +131,7 @@ def test_bias_normalization_mean_zero_and_shift_invariance(tiny_model_dir, tiny_
 
 
 def test_pack_keeps_rankings_whole():
-    from instructrl.reward import TokenizedRanking
+    from instructrl.train.rm import TokenizedRanking
 
     items = [TokenizedRanking(str(i), [[1]] * k, list(range(k))) for i, k in enumerate([3, 4, 9, 2, 2])]
     packs = pack_rankings(items, 8)
@@ -151,7 +151,7 @@ def test_truncation_counted_and_collapsed_pairs(tiny_tokenizer):
 
 
 def test_metrics_and_calibration_hand_worked():
-    from instructrl.reward import TokenizedRanking
+    from instructrl.train.rm import TokenizedRanking
 
     items = [TokenizedRanking("a", [[1], [2], [3]], [0, 1, 2]), TokenizedRanking("b", [[1], [2]], [0, 1]),
              TokenizedRanking("c", [[1], [2]], [0, 1])]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from instructrl.losses import ppo_policy_loss, ppo_ptx_objective, ppo_value_loss, ptx_loss
-from instructrl.rl_math import (
+from instructrl.core.losses import ppo_policy_loss, ppo_ptx_objective, ppo_value_loss, ptx_loss
+from instructrl.core.rl_math import (
     KLController, explained_variance, gae, kl_per_token, masked_mean, rloo_advantages, shape_rewards, whiten,
 )
 
@@ -198,8 +198,8 @@ def test_ptx_term_and_mix():
 
 def test_entropy_and_fused_logprobs_entropy():
     """Uniform over 4 tokens: entropy log 4, log p = -log 4; the fused version equals the two separate passes."""
-    from instructrl.ppo import gather_logprobs
-    from instructrl.rl_math import entropy_from_logits, logprobs_and_entropy
+    from instructrl.train.ppo import gather_logprobs
+    from instructrl.core.rl_math import entropy_from_logits, logprobs_and_entropy
 
     lp, ent = logprobs_and_entropy(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]))
     torch.testing.assert_close(lp, torch.full((1, 2), -math.log(4)))

@@ -1,11 +1,11 @@
-"""Hand-worked checks of instructrl.stats."""
+"""Hand-worked checks of instructrl.core.stats."""
 
 import math
 
 import numpy as np
 import pytest
 
-from instructrl.stats import (
+from instructrl.core.stats import (
     ELO_SCALE, bootstrap_ratings, bradley_terry, linear_fit, pairwise_agreement, proportion_ci, win_rate,
 )
 

@@ -20,15 +20,15 @@ from instructrl.models import ModelLoadError
 
 # command words -> (module, config class, function, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
-    ("sft",): ("instructrl.sft", "SFTConfig", "train_sft", "supervised fine-tuning on demonstrations (InstructGPT §3.5)"),
-    ("rm",): ("instructrl.reward", "RMConfig", "train_rm", "train the reward model on K-wise rankings (InstructGPT §3.5, eq. 1)"),
-    ("rm", "eval"): ("instructrl.reward", "RMEvalConfig", "evaluate_rm", "reward-model accuracy/log loss by K with 95% CIs + calibration PNG"),
+    ("sft",): ("instructrl.train.sft", "SFTConfig", "train_sft", "supervised fine-tuning on demonstrations (InstructGPT §3.5)"),
+    ("rm",): ("instructrl.train.rm", "RMConfig", "train_rm", "train the reward model on K-wise rankings (InstructGPT §3.5, eq. 1)"),
+    ("rm", "eval"): ("instructrl.train.rm", "RMEvalConfig", "evaluate_rm", "reward-model accuracy/log loss by K with 95% CIs + calibration PNG"),
     ("data", "prepare"): ("instructrl.hygiene", "PrepareConfig", "prepare_command", "prompt hygiene on a JSONL file: PII, dedupe, 200/user, split by user (InstructGPT §3.2)"),
     ("label", "serve"): ("instructrl.labeling.app", "LabelConfig", "serve", "run the labeling web app (demonstrations, rankings, ratings, HH chats)"),
     ("label", "export"): ("instructrl.labeling.app", "LabelExportConfig", "export_command", "export a labeling project to JSONL (demonstrations, rankings, pairwise, ratings, agreement)"),
-    ("ppo",): ("instructrl.ppo", "PPOConfig", "train_ppo", "PPO / PPO-ptx against a reward model (InstructGPT §3.5 eq. 2)"),
-    ("eval",): ("instructrl.evaluate", "EvalConfig", "run_eval", "compare policies on held-out prompts: win rates (labelers, RM), gold, KL, Elo, report.html"),
-    ("eval", "ifeval"): ("instructrl.evaluate", "IFEvalConfig", "run_ifeval", "answer IFEval prompts; prompt/instruction-level strict and loose accuracy"),
+    ("ppo",): ("instructrl.train.ppo", "PPOConfig", "train_ppo", "PPO / PPO-ptx against a reward model (InstructGPT §3.5 eq. 2)"),
+    ("eval",): ("instructrl.evaluation.evaluate", "EvalConfig", "run_eval", "compare policies on held-out prompts: win rates (labelers, RM), gold, KL, Elo, report.html"),
+    ("eval", "ifeval"): ("instructrl.evaluation.evaluate", "IFEvalConfig", "run_ifeval", "answer IFEval prompts; prompt/instruction-level strict and loose accuracy"),
     ("pipeline",): ("instructrl.pipeline", "PipelineConfig", "pipeline_command",
                     "the whole pipeline on the default model with simulated labelers (see README)"),
     ("model", "convert"): ("instructrl.models", "ConvertConfig", "convert_command",

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import json
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from instructrl.io import write_yaml
 
 T = TypeVar("T")
 
@@ -83,9 +83,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from instructrl.io import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_yaml(path, config_to_dict(cfg))
 
 
 def _build(cls: type, raw: Any, prefix: str, where: str, from_cli: dict[str, str] | None = None) -> Any:
@@ -214,85 +212,3 @@ def param(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dat
         # a fresh copy of the given section each time, keeping any values set in it
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16`` where bf16 matmuls are fast, else ``fp32``; other values pass through.
-
-    bf16 pays only with fast hardware bf16 matmuls: CUDA GPUs that support them, CPUs with AMX
-    (a 2-core Xeon: an SFT step 2.2x faster), and some CPUs with AVX512-BF16 but not others. On a
-    2-core AMD EPYC with AVX512-BF16 bf16 ran a 2048^3 matmul at 372 vs 141 GFLOP/s and a train step
-    on 8 x 256 tokens in 10.5 vs 23 s; on an earlier AVX512-BF16 VM bf16 was *slower* (141 vs 234
-    GFLOP/s) and no step got faster. CPU flags cannot tell these apart, so without AMX ``auto``
-    measures (:func:`cpu_bf16_speedup`) once per machine and picks bf16 at 1.5x or more.
-    """
-    if precision != "auto":
-        return precision
-    import torch
-
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if _cpu_has_amx() or cpu_bf16_speedup() >= 1.5 else "fp32"
-
-
-def _cpu_has_amx() -> bool:
-    return "amx_bf16" in _cpu_info()[1]
-
-
-def _cpu_info() -> tuple[str, set[str]]:
-    """(model name, flags) from /proc/cpuinfo; ("", set()) where there is none."""
-    name, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not name:
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return name, flags
-
-
-@functools.cache
-def cpu_bf16_speedup() -> float:
-    """How much faster a bf16 matmul of training shape runs than fp32 on this CPU (> 1 = faster).
-
-    Measured once per machine (CPU model, thread count and torch version) in about 0.2 s, and
-    kept in ``$INSTRUCTRL_HOME/cpu-bf16.json`` so that every run on the machine, a resumed one
-    included, resolves ``auto`` the same way.
-    """
-    import time
-
-    import torch
-
-    from instructrl.io import atomic_write_text
-    from instructrl.models import instructrl_home
-
-    home = instructrl_home()
-    key = f"{_cpu_info()[0]} | threads {torch.get_num_threads()} | torch {torch.__version__}"
-    cache = home / "cpu-bf16.json"
-    try:
-        seen = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        seen = {}
-    if isinstance(seen.get(key), (int, float)):
-        return float(seen[key])
-
-    def best_ms(dtype: torch.dtype) -> float:
-        # one MLP projection of SmolLM2 on 1024 tokens: the shape training and scoring spend their time on
-        x, w = torch.randn(1024, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-        times = []
-        for _ in range(4):
-            t = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - t)
-        return min(times[1:])  # the first call pays one-off setup
-
-    speedup = best_ms(torch.float32) / best_ms(torch.bfloat16)
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache, json.dumps({**seen, key: round(speedup, 3)}, indent=1) + "\n")
-    except OSError:
-        pass  # a read-only home only costs the probe again next time
-    return speedup

@@ -54,6 +54,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def write_yaml(path: str | Path, obj: Any) -> None:
+    """Write a mapping as YAML, atomically, keys in their given order."""
+    import yaml
+
+    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
 def write_jsonl(path: str | Path, rows: Any) -> int:
     """Write an iterable of dicts as JSON Lines, atomically. Returns the count."""
     n = 0
@@ -152,9 +159,9 @@ class RunDir:
 
     def save_config(self, cfg: Any) -> None:
         if self.is_main:
-            from instructrl.config import save_config
+            import dataclasses
 
-            save_config(cfg, self.path / "config.yaml")
+            write_yaml(self.path / "config.yaml", dataclasses.asdict(cfg))
 
     def log_metrics(self, row: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (flushed at once)."""

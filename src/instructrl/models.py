@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from instructrl.config import param
+from instructrl.runtime import instructrl_home
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -27,10 +28,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 class ModelLoadError(RuntimeError):
     """A model could not be found or loaded; the message says what to do."""
-
-
-def instructrl_home() -> Path:
-    return Path(os.environ.get("INSTRUCTRL_HOME", Path.home() / ".cache" / "instructrl"))
 
 
 def find_default_gguf() -> Path:
@@ -413,7 +410,7 @@ def decoder_blocks(model, start: int, stop: int | None = None):
 
 def lower_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
     """The hidden state after decoder blocks 0..k-1 (the input of block k). [B, T, H]"""
-    from instructrl.rollout import position_ids
+    from instructrl.core.tensors import position_ids
 
     with decoder_blocks(model, 0, k):
         return decoder(model)(input_ids=input_ids, attention_mask=attention_mask,

@@ -7,17 +7,17 @@
 2. demos     the base model drafts answers; simulated labelers repair them into
              demonstrations that satisfy every constraint (best of the drafts);
              the unrepaired drafts are the plain-text corpus for PPO-ptx
-3. sft       supervised fine-tuning on the demonstrations (instructrl.sft)
+3. sft       supervised fine-tuning on the demonstrations (instructrl.train.sft)
 then, for each round r = 1..rounds (Bai et al. 2022's iterated "online" training):
 4. rank      the current policy samples K = k_min..k_max responses per RM prompt;
              simulated labelers rank them (some prompts go to two labelers, to
              measure agreement)
 5. rm        a reward model is trained from the SFT model on ALL rankings so far,
-             then bias-normalised on the demonstrations (instructrl.reward)
+             then bias-normalised on the demonstrations (instructrl.train.rm)
 6. ppo       each variant (PPO, PPO-ptx) continues from its policy of the previous
              round (round 1: SFT) against this round's RM; reference = SFT
 7. eval      base / SFT / PPO / PPO-ptx / best-of-N on held-out users' prompts,
-             judged by held-out labelers and by the RM (instructrl.evaluate)
+             judged by held-out labelers and by the RM (instructrl.evaluation.evaluate)
 
 The simulated labelers are a stand-in for a human team (docs/simulated-labelers.md):
 every number the report prints about "labelers" is about these simulations.
@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Literal
 from pathlib import Path
 
-from instructrl.config import ConfigError, check, load_config, param, resolve_precision
+from instructrl.config import ConfigError, check, load_config, param
+from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.io import RunDir, atomic_write_text, read_jsonl, write_jsonl
 
 STAGES = ("prompts", "demos", "sft", "rank", "rm", "ppo", "eval")
@@ -161,6 +162,7 @@ class PipelineEval:
 class PipelineConfig:
     model: str = param("default", "the pretrained model: 'default' (embedded SmolLM2-135M-Instruct) or a folder")
     output_dir: str = param("runs/pipeline", "run folder for every stage")
+    device: str = device_field()
     preset: str = param("default", "default (17-20 min on a 2-core AMX CPU, 22 min on a 2-core AMD EPYC; README), "
                                    "quick (~4 min), tiny (tests); applied first")
     rounds: int = param(1, "iterated online rounds: rank -> RM -> PPO repeated on the current policy")
@@ -170,7 +172,7 @@ class PipelineConfig:
     keep_checkpoints: bool = param(False, "keep the SFT and PPO stages' training checkpoints once the stage has "
                                           "saved its model (4 of the default run's 7 GB); they are only needed to "
                                           "resume a stage that was interrupted")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
+    precision: Precision = precision_field()
     data: PipelineData = param(PipelineData(), "prompts, users, rankings")
     sft: PipelineSFT = param(PipelineSFT(), "stage 3")
     rm: PipelineRM = param(PipelineRM(), "stage 5")
@@ -178,11 +180,9 @@ class PipelineConfig:
     eval: PipelineEval = param(PipelineEval(), "stage 7")
 
     def validate(self):
-        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.preset in PRESETS, f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
         check(self.rounds >= 1, "rounds must be >= 1")
         check(self.only in ("",) + STAGES, f"only must be one of {list(STAGES)}, got {self.only!r}")
-        check(self.precision in ("bf16", "fp32"), "precision must be bf16 or fp32")
 
 
 def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConfig:
@@ -232,6 +232,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if out.exists() and (out / "state.json").exists() and not (cfg.resume or cfg.only):
         raise SystemExit(f"instructrl: {out} already holds a pipeline run; add --resume to continue it, "
                          f"only=STAGE to re-run one stage, or choose another output_dir=")
+    cfg.precision = make_runtime(cfg.device, cfg.precision).precision  # once, for every stage; saved resolved
     run = RunDir(out)
     run.save_config(cfg)
     state = State(out / "state.json")
@@ -318,7 +319,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             state.mark("demos", n=len(demos))
 
     # 3. SFT -------------------------------------------------------------------
-    from instructrl.sft import SFTConfig, train_sft
+    from instructrl.train.sft import SFTConfig, train_sft
 
     sft_dir = out / "sft" / "model"
     if want("sft", "sft"):
@@ -335,8 +336,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             drop_checkpoints(out / "sft")
 
     # 4-6. rounds: rank -> RM -> PPO ------------------------------------------
-    from instructrl.ppo import PPOConfig, train_ppo
-    from instructrl.reward import train_rm
+    from instructrl.train.ppo import PPOConfig, train_ppo
+    from instructrl.train.rm import train_rm
 
     policies = {v: sft_dir for v in cfg.ppo.variants}
     if len(rm_tasks) < cfg.rounds * d.n_rm_prompts:  # checked before any round runs, not at the one that lacks them
@@ -403,7 +404,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         torch.manual_seed(0)
 
     # 7. evaluation --------------------------------------------------------------
-    from instructrl.evaluate import EvalConfig, run_eval
+    from instructrl.evaluation.evaluate import EvalConfig, run_eval
 
     results = {}
     # an evaluation of fewer rounds than this run now has (rounds added with --resume) is redone
@@ -456,7 +457,7 @@ def sample_and_rank(lm, tok, tasks: list, ks: list[int], pool, rng: random.Rando
 def rm_stage_config(cfg: PipelineConfig, sft_dir: Path, output_dir: Path, rankings: Path, demonstrations: Path,
                     seed: int):
     """The RMConfig of stage 5: the reward model starts from the SFT model (InstructGPT §3.5)."""
-    from instructrl.reward import RMConfig
+    from instructrl.train.rm import RMConfig
 
     return load_config(RMConfig, None, [
         f"model={sft_dir}", f"output_dir={output_dir}", f"data.train={rankings}",

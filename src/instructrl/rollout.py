@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from instructrl.core.tensors import position_ids
+
 from instructrl.formatting import pad
 from instructrl.models import autocast_weight_cache
 
@@ -89,9 +91,6 @@ class Rollout:
         return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over real tokens (left padding shifts positions otherwise). [B, T] long."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

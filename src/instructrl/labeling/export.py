@@ -20,7 +20,7 @@ Agreement (as InstructGPT measures it between labelers): for every task that two
 ranked, each pair of completions is one comparison; two labelers agree on it
 when they order it the same way. The rate is agreeing labeler pairs over all
 labeler pairs, overall and per labeler, with Wilson 95% intervals
-(:func:`instructrl.stats.pairwise_agreement`). HH conversations diverge after
+(:func:`instructrl.core.stats.pairwise_agreement`). HH conversations diverge after
 the first turn, so only their first turn is comparable across labelers.
 """
 
@@ -82,7 +82,7 @@ def build_records(labeled: list[dict], hh_mode: str = "helpful", labelers: str =
 
 def agreement(labeled: list[dict], level: float = 0.95) -> dict:
     """Inter-labeler agreement over shared comparisons (module docstring); JSON-ready."""
-    from instructrl.stats import pairwise_agreement
+    from instructrl.core.stats import pairwise_agreement
 
     items = []
     for rec in labeled:

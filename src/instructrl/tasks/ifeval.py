@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from instructrl.data import Source, iter_rows
 from instructrl.io import DataError
-from instructrl.stats import proportion_ci
+from instructrl.core.stats import proportion_ci
 from instructrl.tasks.text import count_sentences, count_words
 
 RELATIONS = ("less than", "at least")

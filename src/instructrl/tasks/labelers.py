@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Hashable, Iterable, Sequence
 
 from instructrl.data import Demonstration, Ranking
-from instructrl.stats import Agreement, pairwise_agreement
+from instructrl.core.stats import Agreement, pairwise_agreement
 from instructrl.tasks.constraints import RepairError, gold_score, repair
 from instructrl.tasks.generator import ConstraintTask
 from instructrl.tasks.text import count_words
@@ -176,7 +176,7 @@ class LabelerPool:
                           rng: random.Random, heldout: bool = False) -> Agreement:
         """Inter-labeler agreement: two different labelers rank each response set.
 
-        Returns :func:`instructrl.stats.pairwise_agreement` over every pair of
+        Returns :func:`instructrl.core.stats.pairwise_agreement` over every pair of
         responses of every set (InstructGPT App. B.3 measured agreement the
         same way, on comparisons labelled by two labelers).
         """
@@ -191,7 +191,7 @@ class LabelerPool:
 
 
 def ranking_labels(rankings: Iterable[Ranking]) -> list[tuple[Hashable, Hashable, Hashable]]:
-    """(item, labeler, label) triples for :func:`instructrl.stats.pairwise_agreement`.
+    """(item, labeler, label) triples for :func:`instructrl.core.stats.pairwise_agreement`.
 
     item = (ranking id, response x, response y) with x < y as strings, so that
     two labelers' rankings of the same responses share items; label = 1 if x

@@ -40,7 +40,8 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from instructrl.config import ConfigError, check, param, resolve_precision
+from instructrl.config import ConfigError, check, param
+from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.tasks.labelers import DEFAULT_NOISE
 
 # ---------------------------------------------------------------------------
@@ -89,12 +90,12 @@ class EvalConfig:
     pretrain_max_texts: int = param(200, "at most this many pretraining texts (the first ones)")
     pretrain_max_tokens: int = param(256, "each pretraining text is cut to this many tokens")
     output_dir: str = param("runs/eval", "report.html, report.json, PNGs, responses.jsonl go here")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
+    device: str = device_field()
+    precision: Precision = precision_field()
     threads: int = param(0, "torch CPU threads; 0 = torch's default")
     examples: int = param(3, "prompts shown with every policy's answer in the report")
 
     def validate(self):
-        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(bool(self.policies), "policies: give at least one policy, e.g. policies.sft=runs/sft/model")
         for name, path in self.policies.items():
             check(isinstance(name, str) and bool(name.strip()), "policies: names must be non-empty strings")
@@ -133,11 +134,11 @@ class IFEvalConfig:
     limit: int = param(0, "evaluate only the first N rows; 0 = all")
     seed: int = param(0, "sampling seed")
     output_dir: str = param("runs/ifeval", "ifeval.json and responses.jsonl go here")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
+    device: str = device_field()
+    precision: Precision = precision_field()
     threads: int = param(0, "torch CPU threads; 0 = torch's default")
 
     def validate(self):
-        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(bool(self.data), "data: an IFEval JSONL file is required (data=PATH)")
         check(self.max_new_tokens >= 1 and self.max_prompt_tokens >= 1, "max_new_tokens/max_prompt_tokens must be >= 1")
         check(self.temperature > 0, "temperature must be > 0")
@@ -227,7 +228,7 @@ def score_outcomes(a_scores: Sequence[float], b_scores: Sequence[float],
 
 def outcomes_win_rate(outcomes: Sequence[float], level: float = 0.95) -> dict:
     """Win rate of a list of outcomes (1 win, 0 loss, 0.5 tie): ties count half, Wilson interval (stats.win_rate)."""
-    from instructrl.stats import win_rate
+    from instructrl.core.stats import win_rate
 
     wins = sum(1 for o in outcomes if o == 1.0)
     ties = sum(1 for o in outcomes if o == 0.5)
@@ -247,7 +248,7 @@ def rm_gold_agreement(rm: dict[str, Sequence[float]], gold: dict[str, Sequence[f
     rewards, and then PPO against it cannot beat SFT by the labelers. The CI treats
     pairs as independent (they share prompts, so it is somewhat too narrow).
     """
-    from instructrl.stats import proportion_ci
+    from instructrl.core.stats import proportion_ci
 
     names = list(rm)
     n_prompts = len(rm[names[0]]) if names else 0
@@ -274,7 +275,7 @@ def reward_vs_sqrt_kl(rows: Sequence[dict], score_key: str = "score", kl_key: st
     0 (the k1 estimator can dip under 0 early on) are clipped to 0 before the root.
     Returns {"points": [[sqrt_kl, score, step], ...], "fit": {"slope", "intercept", "r2"} or None, "why"}.
     """
-    from instructrl.stats import linear_fit
+    from instructrl.core.stats import linear_fit
 
     pts = []
     for r in rows:
@@ -377,7 +378,7 @@ def generate(model, tok, prompt_ids: Sequence[list[int]], *, max_new_tokens: int
     from tqdm.auto import tqdm
 
     from instructrl.models import autocast_weight_cache
-    from instructrl.ppo import gather_logprobs, micro_batches, response_logits, window
+    from instructrl.train.ppo import gather_logprobs, micro_batches, response_logits, window
     from instructrl.rollout import sample
 
     model.eval()
@@ -445,7 +446,7 @@ def rm_scores(rm, rm_tok, messages_list: Sequence[list[dict]], texts: Sequence[s
 
     from instructrl.formatting import encode_response, pad
     from instructrl.models import autocast_weight_cache
-    from instructrl.reward import score
+    from instructrl.train.rm import score
 
     rm.eval()
     prompts = encode_prompts(rm_tok, messages_list, max_prompt_tokens)
@@ -471,7 +472,7 @@ def text_logliks(model, tok, texts: Sequence[str], max_tokens: int, micro_batch_
     Texts are tokenized without special tokens and cut to ``max_tokens`` (as PPO-ptx does).
     """
     from instructrl.formatting import pad
-    from instructrl.losses import token_logprobs
+    from instructrl.core.losses import token_logprobs
 
     model.eval()
     ids_list = [tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
@@ -557,8 +558,8 @@ def run_eval(cfg: EvalConfig, extra_sections: Sequence["ReportSection | dict | t
     """
     from instructrl.data import load_text_corpus
     from instructrl.models import load_causal_lm, load_tokenizer
-    from instructrl.reward import load_reward_model
-    from instructrl.stats import bootstrap_ratings, proportion_ci
+    from instructrl.train.rm import load_reward_model
+    from instructrl.core.stats import bootstrap_ratings, proportion_ci
     from instructrl.tasks import gold_score, load_tasks, satisfies_all
     from instructrl.tasks.labelers import LabelerPool
 
@@ -567,7 +568,9 @@ def run_eval(cfg: EvalConfig, extra_sections: Sequence["ReportSection | dict | t
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    amp = torch.bfloat16 if cfg.precision == "bf16" else None
+    rt = make_runtime(cfg.device, cfg.precision)
+    cfg.precision = rt.precision  # saved resolved, so report.json says what ran
+    amp = rt.amp_dtype
     out_dir = Path(cfg.output_dir)
 
     # ---- 1. prompts: a seeded subset of the held-out tasks ----
@@ -1222,6 +1225,7 @@ def run_ifeval(cfg: IFEvalConfig) -> dict:
         rows = rows[: cfg.limit]
     if not rows:
         raise ConfigError(f"data: {cfg.data} has no rows")
+    rt = make_runtime(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model).eval().requires_grad_(False)
@@ -1229,7 +1233,7 @@ def run_ifeval(cfg: IFEvalConfig) -> dict:
     responses = generate_responses(
         model, tok, [[{"role": "user", "content": r.prompt}] for r in rows], max_new_tokens=cfg.max_new_tokens,
         max_prompt_tokens=cfg.max_prompt_tokens, temperature=cfg.temperature, greedy=cfg.greedy,
-        batch_size=cfg.batch_size, seed=cfg.seed, amp=torch.bfloat16 if cfg.precision == "bf16" else None,
+        batch_size=cfg.batch_size, seed=cfg.seed, amp=rt.amp_dtype,
         desc="ifeval")
     seconds = time.perf_counter() - t0
     rep = evaluate_ifeval(rows, responses)

@@ -40,7 +40,10 @@ from typing import Literal
 
 import torch
 
-from instructrl.config import check, param, resolve_precision
+from instructrl.core.tensors import last_token_index, position_ids
+
+from instructrl.config import check, param
+from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.data import Demonstration, Ranking, load_demonstrations, load_rankings
 from instructrl.formatting import TruncationStats, build_example, encode_prompt, encode_response, pad, truncate
 from instructrl.io import DataError
@@ -78,9 +81,9 @@ def reward_pad_token_id(tokenizer) -> int:
     for cand in (tokenizer.pad_token_id, tokenizer.unk_token_id):
         if cand is not None and cand != eos:
             return int(cand)
-    logging.getLogger("instructrl.reward").warning(
+    logging.getLogger("instructrl.train.rm").warning(
         "tokenizer has no token other than EOS to pad with: plain HF scoring of this RM reads the token "
-        "before the final EOS; instructrl.reward.score is unaffected (it uses the attention mask)")
+        "before the final EOS; instructrl.train.rm.score is unaffected (it uses the attention mask)")
     return int(eos)
 
 
@@ -169,18 +172,8 @@ def set_bias(model, bias: float) -> None:
 # ---------------------------------------------------------------------------
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over the real tokens of each row, whatever the padding side. [B, T] long."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real (mask = 1) token of each row; works for left and right padding. [B] long."""
-    t = attention_mask.shape[-1]
-    idx = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
-    if not bool((attention_mask.sum(-1) > 0).all()):
-        raise ValueError("a row of attention_mask has no real token")
-    return (idx * (attention_mask != 0)).argmax(-1)
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -190,7 +183,7 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     ``lower = (h, k)``: ``h`` [B, T, H] is the hidden state after the model's blocks 0..k-1 for these
     inputs (``models.lower_hidden``, shared with other models); only blocks k.. run.
     """
-    pos = position_ids_from_mask(attention_mask)
+    pos = position_ids(attention_mask)
     if lower is None:
         return decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                              use_cache=False).last_hidden_state
@@ -572,13 +565,12 @@ class RMTrain:
     micro_batch_size: int = param(16, "sequences per forward pass in one process; whole rankings are packed")
     weight_decay: float = param(0.0, "AdamW weight decay")
     max_grad_norm: float = param(1.0, "gradient clipping norm; 0 disables")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
+    precision: Precision = precision_field()
     trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm + head); -1 = all")
     seed: int = param(0, "seed for the split, shuffling and the head initialisation")
     log_every: int = param(1, "write a metrics row every N optimizer steps")
 
     def validate(self):
-        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.epochs >= 1, "train.epochs must be >= 1")
         check(self.lr > 0, "train.lr must be > 0")
         check(self.batch_size >= 1 and self.micro_batch_size >= 1, "train.batch_size and micro_batch_size must be >= 1")
@@ -592,6 +584,7 @@ class RMTrain:
 class RMConfig:
     model: str = param("default", "the SFT model (causal LM folder) the RM starts from; 'default' = embedded SmolLM2")
     output_dir: str = param("runs/rm", "run folder: config.yaml, metrics.jsonl, log.txt, model/, eval.json, calibration.png")
+    device: str = device_field()
     data: RMData = param(RMData(), "comparison data")
     train: RMTrain = param(RMTrain(), "optimisation")
 
@@ -601,15 +594,15 @@ class RMEvalConfig:
     model: str = param("", "trained reward model folder (e.g. runs/rm/model); required")
     data: str = param("", "held-out rankings/pairs JSONL; required")
     output_dir: str = param("", "where eval.json and calibration.png go; empty = <model>/eval")
+    device: str = device_field()
     max_length: int = param(512, "max tokens of prompt + response (truncation as in training)")
     min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens")
     micro_batch_size: int = param(16, "sequences per forward pass")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
+    precision: Precision = precision_field()
     errors: Literal["raise", "skip"] = param("raise", "bad rows: raise or skip (counted)")
     bootstrap: int = param(2000, "bootstrap resamples for the 95% confidence intervals")
 
     def validate(self):
-        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(bool(self.model), "model: a reward model folder is required (model=PATH)")
         check(bool(self.data), "data: a rankings file is required (data=PATH)")
         check(self.max_length > self.min_prompt_tokens, "max_length must exceed min_prompt_tokens")
@@ -667,20 +660,21 @@ def train_rm(cfg: RMConfig) -> Path:
     from tqdm.auto import tqdm
 
     from instructrl.io import RunDir, atomic_write_text
-    from instructrl.losses import kwise_ranking_loss
+    from instructrl.core.losses import kwise_ranking_loss
     from instructrl.models import freeze_lower_layers, load_tokenizer, make_adamw
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
     # 1. set-up ------------------------------------------------------------
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rt = make_runtime(cfg.device, cfg.train.precision)
+    cfg.train.precision = rt.precision  # saved resolved, so the run folder says what ran
+    accelerator = Accelerator(cpu=rt.device.type == "cpu")
     set_seed(cfg.train.seed)
     tc, dc = cfg.train, cfg.data
     run = RunDir(cfg.output_dir, is_main=accelerator.is_main_process)
     run.save_config(cfg)
     world, rank, dev = accelerator.num_processes, accelerator.process_index, accelerator.device
 
-    def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    autocast = rt.autocast
 
     # 2. data --------------------------------------------------------------
     tok = load_tokenizer(cfg.model)
@@ -802,8 +796,9 @@ def evaluate_rm(cfg: RMEvalConfig) -> dict:
     """``instructrl rm eval``: accuracy and log loss on held-out comparisons, by K, with 95% CIs + calibration PNG."""
     from instructrl.models import load_tokenizer
 
+    rt = make_runtime(cfg.device, cfg.precision)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.model) / "eval"
-    model = load_reward_model(cfg.model).eval()
+    model = load_reward_model(cfg.model).eval().to(rt.device)
     tok = load_tokenizer(cfg.model)
     msgs: list[str] = []
     rankings = _load_rankings_counted(cfg.data, cfg.errors, msgs.append)
@@ -812,11 +807,8 @@ def evaluate_rm(cfg: RMEvalConfig) -> dict:
     msg = f"truncation (max_length={cfg.max_length}): {stats.summary()}"
     print(f"[rm eval] {msg}")
 
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-    m = evaluate(RewardScorer(model), items, model.config.pad_token_id, out_dir, cfg.micro_batch_size, autocast,
-                 "cpu", cfg.bootstrap)
+    m = evaluate(RewardScorer(model), items, model.config.pad_token_id, out_dir, cfg.micro_batch_size, rt.autocast,
+                 rt.device, cfg.bootstrap)
     m["truncation"] = stats.summary()
     m["skipped_rows"] = msgs
     from instructrl.io import atomic_write_text

@@ -30,11 +30,12 @@ from typing import Literal
 
 import torch
 
-from instructrl.config import check, param, resolve_precision
+from instructrl.config import check, param
+from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.data import Demonstration, load_demonstrations
 from instructrl.formatting import Example, TruncationStats, build_example, collate_examples
 from instructrl.io import RunDir, atomic_dir, atomic_write_text
-from instructrl.losses import sft_loss
+from instructrl.core.losses import sft_loss
 
 
 @dataclass
@@ -65,13 +66,12 @@ class SFTTrain:
     # its loss on our demonstrations from 3.50 to 11.17 nats/token (measured), i.e. it erased the
     # pretrained model. So the default is off; set 0.1-0.2 for models pretrained with dropout.
     residual_dropout: float = param(0.0, "dropout on each attention and MLP output before the residual add (paper: 0.2; see comment)")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
+    precision: Precision = precision_field()
     seed: int = param(0, "seed for shuffling, dropout and initialisation")
     train_prompt: bool = param(False, "also train on prompt tokens (the paper trains on responses only)")
     trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm); -1 = all (the paper)")
 
     def validate(self):
-        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.epochs >= 1, "train.epochs must be >= 1")
         check(self.trainable_layers >= -1, "train.trainable_layers must be -1 (all) or >= 0")
         check(self.lr > 0, "train.lr must be > 0")
@@ -98,6 +98,7 @@ class SFTSelect:
 class SFTConfig:
     model: str = param("default", "base model: 'default' (embedded SmolLM2-135M-Instruct), a folder, or a hub id")
     output_dir: str = param("runs/sft", "run folder: config.yaml, metrics.jsonl, log.txt, checkpoints/, model/")
+    device: str = device_field()
     data: SFTData = param(SFTData(), "demonstration data")
     train: SFTTrain = param(SFTTrain(), "optimisation")
     select: SFTSelect = param(SFTSelect(), "checkpoint selection")
@@ -190,7 +191,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     from instructrl.models import freeze_lower_layers, load_causal_lm, load_tokenizer, make_adamw
 
     # 1. set-up ------------------------------------------------------------
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rt = make_runtime(cfg.device, cfg.train.precision)
+    cfg.train.precision = rt.precision  # saved resolved, so the run folder says what ran
+    accelerator = Accelerator(cpu=rt.device.type == "cpu")
     set_seed(cfg.train.seed)
     run = RunDir(cfg.output_dir, is_main=accelerator.is_main_process)
     run.save_config(cfg)
@@ -201,8 +204,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     per_proc = tc.batch_size // world
     dev = accelerator.device
 
-    def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    autocast = rt.autocast
 
     # 2. data --------------------------------------------------------------
     tok = load_tokenizer(cfg.model)
@@ -329,7 +331,7 @@ def rm_score_checkpoint(checkpoint: str, val_demos: list[Demonstration], sel: SF
     from instructrl.formatting import build_example, pad
     from instructrl.generation import generate_texts
     from instructrl.models import load_causal_lm, load_tokenizer
-    from instructrl.reward import load_reward_model, score
+    from instructrl.train.rm import load_reward_model, score
 
     tok = load_tokenizer(checkpoint)
     policy = load_causal_lm(checkpoint)

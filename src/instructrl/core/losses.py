@@ -3,9 +3,9 @@
 Sections: SFT (language modelling on response tokens), reward model (K-wise
 ranking loss, InstructGPT eq. 1), PPO (clipped policy/value losses, PPO-ptx
 term, InstructGPT eq. 2). The RL quantities they consume (KL penalty, GAE,
-whitening) live in :mod:`instructrl.rl_math`.
+whitening) live in :mod:`instructrl.core.rl_math`.
 
-This module imports only torch, so ``import instructrl.losses`` stays light.
+This module imports only torch, so ``import instructrl.core.losses`` stays light.
 """
 
 from __future__ import annotations

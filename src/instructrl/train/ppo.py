@@ -32,10 +32,12 @@ from typing import Callable, Literal
 
 import torch
 
-from instructrl import rl_math
-from instructrl.config import ConfigError, check, param, resolve_precision
-from instructrl.losses import ppo_policy_loss, ppo_value_loss, ptx_loss
-from instructrl.rollout import Generation, Rollout, position_ids, sample
+from instructrl.core import rl_math
+from instructrl.config import ConfigError, check, param
+from instructrl.runtime import Precision, device_field, make_runtime, precision_field
+from instructrl.core.losses import ppo_policy_loss, ppo_value_loss, ptx_loss
+from instructrl.core.tensors import append_eos, gather_logprobs, position_ids
+from instructrl.rollout import Generation, Rollout, sample
 
 # A scripted reward for tests and experiments: (query [B,P], response [B,R], response_mask [B,R]) -> scores [B].
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -130,7 +132,7 @@ class PPOTrain:
              "ptx_data (no ptx_data or 0 = plain PPO). The paper's 27.8 is in its own scale, see docs/ppo.md")
     ptx_batch_size: int = param(4, "plain-text sequences per minibatch for the ptx term")
     ptx_max_tokens: int = param(256, "pretraining sequences are cut to this many tokens")
-    precision: Literal["auto", "bf16", "fp32"] = param("auto", "auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs with AMX; other CPUs where a one-off probe measures bf16 1.5x faster or more), else fp32; or bf16 / fp32")
+    precision: Precision = precision_field()
     trainable_layers: int = param(-1, "train only the top N blocks (+ final norm, value head) of policy and value model; -1 = all")
     share_frozen_blocks: bool = param(
         True, "with trainable_layers: run the lower blocks that policy, reference, RM and value model hold "
@@ -142,7 +144,6 @@ class PPOTrain:
                 "own; model = always the model's own; or eager / sdpa")
 
     def validate(self):
-        self.precision = resolve_precision(self.precision)  # saved resolved, so the run folder says what ran
         check(self.epochs >= 1, "train.epochs must be >= 1")
         check(self.value_warmup_steps >= 0, "train.value_warmup_steps must be >= 0")
         check(self.advantage == "gae" or self.value_warmup_steps == 0,
@@ -175,6 +176,7 @@ class PPOConfig:
     prompts: str = param("", "prompts JSONL ({id, prompt})")
     ptx_data: str = param("", "plain-text JSONL ({text}) for the PPO-ptx term; empty = plain PPO")
     out: str = param("runs/ppo", "run folder: config, metrics, checkpoints, final policy/ and value/")
+    device: str = device_field()
     resume: bool = param(False, "continue from the latest checkpoint in `out`")
     seed: int = param(0, "seed for prompt order, sampling and minibatch order")
     steps: int = param(100, "PPO steps (rollout batches)")
@@ -240,15 +242,6 @@ def window(g: Generation | Rollout, rows: torch.Tensor, p: int, r: int) -> tuple
     return ids, mask
 
 
-def append_eos(ids: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor, eos_id: int,
-               pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One more column: EOS (mask 1) on the rows that did not end, padding (mask 0) on the rest. [b, T+1]
-
-    A row that did not end fills its window to the last column (its response is the
-    longest possible), so the EOS lands right after its last token.
-    """
-    col = torch.where(ended, torch.full_like(ended, pad_id, dtype=ids.dtype), torch.full_like(ended, eos_id, dtype=ids.dtype))
-    return torch.cat([ids, col[:, None]], 1), torch.cat([mask, (~ended).to(mask.dtype)[:, None]], 1)
 
 
 def response_logits(model, ids: torch.Tensor, mask: torch.Tensor, r: int, temperature: float,
@@ -270,15 +263,12 @@ def response_logits(model, ids: torch.Tensor, mask: torch.Tensor, r: int, temper
     return logits if temperature == 1.0 else logits / temperature  # skip a [b, r, V] copy at T = 1
 
 
-def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token]; logits [b, r, V], tokens [b, r] -> [b, r]."""
-    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def response_values(value_model, ids: torch.Tensor, mask: torch.Tensor, r: int,
                     lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """V(state before response token t) for t < r: the scalar head at positions P−1 .. P+r−2. [b, r]"""
-    from instructrl.reward import token_values
+    from instructrl.train.rm import token_values
 
     return token_values(value_model, ids, mask, lower)[:, -r - 1: -1]
 
@@ -385,7 +375,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     from instructrl.io import RunDir, atomic_dir
     from instructrl.models import (attention_implementation, autocast_weight_cache, freeze_lower_layers, load_causal_lm,
                                    load_tokenizer, lower_hidden, make_adamw, resolve_model, shared_frozen_blocks)
-    from instructrl.reward import init_reward_model, load_reward_model, score as rm_score
+    from instructrl.train.rm import init_reward_model, load_reward_model, score as rm_score
 
     rc, kc, tc = cfg.rollout, cfg.kl, cfg.train
     if reward_fn is None and not cfg.reward_model:
@@ -394,11 +384,12 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         torch.set_num_threads(cfg.run.threads)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
-    amp = torch.bfloat16 if tc.precision == "bf16" else None
+    rt = make_runtime(cfg.device, tc.precision)
+    tc.precision = rt.precision  # saved resolved, so the run folder says what ran
+    amp = rt.amp_dtype
     reuse_logprobs = rc.old_logprobs == "sampling" or (rc.old_logprobs == "auto" and amp is None)
 
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None)
+    autocast = rt.autocast
 
     # --- models: policy (trained), reference (frozen SFT), reward (frozen), value (trained, init from RM) ---
     # A resumed run loads the trained policy and value model from its checkpoint; the rest from the config.

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, policy comparison, reward-model evaluation, the HTML report, IFEval."""
