@@ -31,7 +31,7 @@ def main() -> None:
     from instructrl.io import write_jsonl
     from instructrl.models import load_tokenizer
     from instructrl.train.ppo import drop_stale_quantization
-    from instructrl.train.rm import init_reward_model, save_reward_model
+    from instructrl.reward_model import init_reward_model, save_reward_model
     from instructrl.tasks import generate_tasks, save_tasks
 
     with tempfile.TemporaryDirectory() as d:

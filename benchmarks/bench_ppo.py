@@ -46,7 +46,7 @@ def prepare(steps: int) -> tuple[Path, Path]:
     from instructrl.data import load_rankings, prompt_row, PromptRecord
     from instructrl.io import write_jsonl
     from instructrl.models import load_tokenizer
-    from instructrl.train.rm import init_reward_model, save_reward_model
+    from instructrl.reward_model import init_reward_model, save_reward_model
 
     WORK.mkdir(parents=True, exist_ok=True)
     prompts = WORK / f"prompts-{steps}.jsonl"

@@ -48,7 +48,8 @@ def main() -> None:
     from instructrl.io import atomic_write_text, read_jsonl, write_jsonl
     from instructrl.models import load_causal_lm, load_tokenizer
     from instructrl.pipeline import load_pipeline_config, rm_stage_config, sample_and_rank
-    from instructrl.train.rm import load_reward_model, train_rm
+    from instructrl.reward_model import load_reward_model
+    from instructrl.train.rm import train_rm
     from instructrl.tasks import generate_tasks, load_tasks
     from instructrl.tasks.generator import split_by_user
     from instructrl.tasks.labelers import LabelerPool

@@ -34,8 +34,8 @@ import torch
 from instructrl.formatting import encode_prompt, encode_response, truncate
 from instructrl.core.losses import kwise_ranking_loss
 from instructrl.models import load_tokenizer, make_adamw
-from instructrl.train.rm import (RewardScorer, TokenizedRanking, collate_rankings, init_reward_model,
-                               pack_rankings)
+from instructrl.reward_model import RewardScorer, init_reward_model
+from instructrl.train.rm import TokenizedRanking, collate_rankings, pack_rankings
 
 WORDS = ("the a garden river quiet bright answer kindly useful tea leaves sea poem morning light careful simple "
          "reason example clear short story water mountain friend help question explain slowly because").split()

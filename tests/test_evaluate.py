@@ -127,7 +127,7 @@ def test_text_logliks_match_a_plain_loop(tiny_model_dir, tiny_tokenizer):
 def test_rm_scores_append_eos_to_cut_off_answers_only(tiny_model_dir, tiny_tokenizer):
     """rm_eos (the default, as PPO's rollout.rm_eos): a cut-off answer is scored with EOS appended."""
     from instructrl.evaluation.evaluate import rm_scores
-    from instructrl.train.rm import init_reward_model
+    from instructrl.reward_model import init_reward_model
 
     rm = init_reward_model(str(tiny_model_dir)).eval()
     msgs = [[{"role": "user", "content": "hello"}]] * 2
@@ -186,7 +186,7 @@ def test_config_validation():
 def eval_inputs(tmp_path_factory, tiny_model_dir):
     from instructrl.io import write_jsonl
     from instructrl.models import build_tiny_model, load_tokenizer
-    from instructrl.train.rm import init_reward_model, save_reward_model
+    from instructrl.reward_model import init_reward_model, save_reward_model
     from instructrl.tasks import generate_tasks, save_tasks
 
     d = tmp_path_factory.mktemp("eval")

@@ -296,7 +296,7 @@ def test_rm_scores_a_cut_off_response_with_eos_appended(tiny_model_dir, tiny_tok
     a row that ended is scored exactly as before."""
     from instructrl.train.ppo import append_eos, window
     from instructrl.models import load_causal_lm
-    from instructrl.train.rm import init_reward_model, score
+    from instructrl.reward_model import init_reward_model, score
 
     tok = tiny_tokenizer
     lm = load_causal_lm(str(tiny_model_dir)).eval()
@@ -366,7 +366,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tiny_model_dir, pro
     import yaml
     from safetensors.torch import load_file
 
-    from instructrl.train.rm import init_reward_model, save_reward_model
+    from instructrl.reward_model import init_reward_model, save_reward_model
     from instructrl.models import load_tokenizer
 
     rm = save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), tmp_path / "rm")
@@ -433,7 +433,7 @@ def test_shared_frozen_blocks_are_found_and_the_split_forward_is_the_full_forwar
     from instructrl.models import (build_tiny_model, decoder_blocks, freeze_lower_layers, load_causal_lm,
                                    lower_hidden, shared_frozen_blocks)
     from instructrl.train.ppo import append_eos, response_logits, window
-    from instructrl.train.rm import init_reward_model, score, token_values
+    from instructrl.reward_model import init_reward_model, score, token_values
 
     path = build_tiny_model(tmp_path / "m3", layers=3)
     policy, ref = load_causal_lm(str(path)), load_causal_lm(str(path)).eval()

@@ -11,11 +11,10 @@ from instructrl.cli import main
 from instructrl.data import Demonstration, Ranking
 from instructrl.formatting import build_example, pad
 from instructrl.core.losses import kwise_ranking_loss
-from instructrl.train.rm import (
-    RankingTruncation, RewardScorer, collate_rankings, comparison_metrics, comparison_table, get_bias,
-    init_reward_model, last_token_index, load_reward_model, normalize_bias, pack_rankings, save_reward_model, score,
-    set_bias, token_values, tokenize_rankings, calibration_bins,
-)
+from instructrl.reward_model import RewardScorer, get_bias, init_reward_model, load_reward_model, save_reward_model, score, set_bias, token_values
+from instructrl.rm_metrics import comparison_metrics, comparison_table, calibration_bins
+from instructrl.train.rm import RankingTruncation, collate_rankings, normalize_bias, pack_rankings, tokenize_rankings
+from instructrl.core.tensors import last_token_index
 
 MSG = [{"role": "user", "content": "write a short poem about the sea"}]
 

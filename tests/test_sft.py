@@ -100,7 +100,7 @@ def test_two_process_data_parallel_equals_single_process(tiny_model_dir, tmp_pat
 def test_selection_by_reward_model_score(tiny_model_dir, tmp_path):
     """select.metric=rm_score samples from each epoch's checkpoint and keeps the RM's favourite (§3.5)."""
     from instructrl.models import load_tokenizer
-    from instructrl.train.rm import init_reward_model, save_reward_model
+    from instructrl.reward_model import init_reward_model, save_reward_model
 
     rm_dir = save_reward_model(init_reward_model(tiny_model_dir), load_tokenizer(tiny_model_dir), tmp_path / "rm")
     cfg = _cfg(tiny_model_dir, tmp_path / "run", "train.epochs=2", "select.metric=rm_score",

@@ -22,7 +22,7 @@ from instructrl.models import ModelLoadError
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("sft",): ("instructrl.train.sft", "SFTConfig", "train_sft", "supervised fine-tuning on demonstrations (InstructGPT §3.5)"),
     ("rm",): ("instructrl.train.rm", "RMConfig", "train_rm", "train the reward model on K-wise rankings (InstructGPT §3.5, eq. 1)"),
-    ("rm", "eval"): ("instructrl.train.rm", "RMEvalConfig", "evaluate_rm", "reward-model accuracy/log loss by K with 95% CIs + calibration PNG"),
+    ("rm", "eval"): ("instructrl.evaluation.rm_eval", "RMEvalConfig", "evaluate_rm", "reward-model accuracy/log loss by K with 95% CIs + calibration PNG"),
     ("data", "prepare"): ("instructrl.hygiene", "PrepareConfig", "prepare_command", "prompt hygiene on a JSONL file: PII, dedupe, 200/user, split by user (InstructGPT §3.2)"),
     ("label", "serve"): ("instructrl.labeling.app", "LabelConfig", "serve", "run the labeling web app (demonstrations, rankings, ratings, HH chats)"),
     ("label", "export"): ("instructrl.labeling.app", "LabelExportConfig", "export_command", "export a labeling project to JSONL (demonstrations, rankings, pairwise, ratings, agreement)"),

@@ -51,6 +51,19 @@ def encode_prompt(tokenizer, messages: Messages) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_prompt_for_sampling(tokenizer, messages: Messages, max_prompt_tokens: int,
+                                stats: TruncationStats | None = None) -> list[int]:
+    """Prompt ids for sampling a response: cut from the left to ``max_prompt_tokens`` (the latest turns kept),
+    the same side the truncation rule cuts prompts from; the cut is counted in ``stats``."""
+    p = encode_prompt(tokenizer, messages)
+    if stats is not None:
+        stats.examples += 1
+        if len(p) > max_prompt_tokens:
+            stats.prompts_cut += 1
+            stats.tokens_dropped += len(p) - max_prompt_tokens
+    return p[-max_prompt_tokens:]
+
+
 def encode_response(tokenizer, response: str, add_eos: bool = True) -> list[int]:
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     return ids + [tokenizer.eos_token_id] if add_eos else ids

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from instructrl.data import Messages
-from instructrl.formatting import encode_prompt
+from instructrl.formatting import encode_prompt_for_sampling
 
 
 def decode_responses(tok, response: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
@@ -38,7 +38,7 @@ def generate_texts(
     from instructrl.rollout import sample
 
     model.eval()
-    encoded = [encode_prompt(tok, m)[-max_prompt_tokens:] for m in prompts]
+    encoded = [encode_prompt_for_sampling(tok, m, max_prompt_tokens) for m in prompts]
     jobs = [(i, e) for i, e in enumerate(encoded) for _ in range(n_per_prompt)]
     # Longest first: similar lengths share a batch, less padding.
     jobs.sort(key=lambda j: -len(j[1]))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pathlib import Path
 
 from instructrl.config import ConfigError, param
 
@@ -163,7 +164,7 @@ def _cpu_info() -> tuple[str, set[str]]:
     return name, flags
 
 
-def instructrl_home() -> "Path":
+def instructrl_home() -> Path:
     """``$INSTRUCTRL_HOME`` (default ``~/.cache/instructrl``): converted models, the bf16 probe."""
     from pathlib import Path
 

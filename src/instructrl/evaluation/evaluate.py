@@ -359,9 +359,9 @@ def seed_for(seed: int, name: str) -> int:
 
 def encode_prompts(tok, messages_list: Sequence[list[dict]], max_prompt_tokens: int) -> list[list[int]]:
     """Chat-template prompt ids (formatting.encode_prompt), cut from the left to ``max_prompt_tokens``."""
-    from instructrl.formatting import encode_prompt
+    from instructrl.formatting import encode_prompt_for_sampling
 
-    return [encode_prompt(tok, m)[-max_prompt_tokens:] for m in messages_list]
+    return [encode_prompt_for_sampling(tok, m, max_prompt_tokens) for m in messages_list]
 
 
 # no_grad, not inference_mode: under inference_mode autocast caches no weight casts (rollout.sample).
@@ -378,7 +378,8 @@ def generate(model, tok, prompt_ids: Sequence[list[int]], *, max_new_tokens: int
     from tqdm.auto import tqdm
 
     from instructrl.models import autocast_weight_cache
-    from instructrl.train.ppo import gather_logprobs, micro_batches, response_logits, window
+    from instructrl.core.tensors import gather_logprobs
+    from instructrl.scoring import micro_batches, response_logits, window
     from instructrl.rollout import sample
 
     model.eval()
@@ -446,7 +447,7 @@ def rm_scores(rm, rm_tok, messages_list: Sequence[list[dict]], texts: Sequence[s
 
     from instructrl.formatting import encode_response, pad
     from instructrl.models import autocast_weight_cache
-    from instructrl.train.rm import score
+    from instructrl.reward_model import score
 
     rm.eval()
     prompts = encode_prompts(rm_tok, messages_list, max_prompt_tokens)
@@ -558,7 +559,7 @@ def run_eval(cfg: EvalConfig, extra_sections: Sequence["ReportSection | dict | t
     """
     from instructrl.data import load_text_corpus
     from instructrl.models import load_causal_lm, load_tokenizer
-    from instructrl.train.rm import load_reward_model
+    from instructrl.reward_model import load_reward_model
     from instructrl.core.stats import bootstrap_ratings, proportion_ci
     from instructrl.tasks import gold_score, load_tasks, satisfies_all
     from instructrl.tasks.labelers import LabelerPool

@@ -38,6 +38,7 @@ from instructrl.runtime import Precision, device_field, make_runtime, precision_
 from instructrl.core.losses import ppo_policy_loss, ppo_value_loss, ptx_loss
 from instructrl.core.tensors import append_eos, gather_logprobs, position_ids
 from instructrl.rollout import Generation, Rollout, sample
+from instructrl.scoring import micro_batches, response_logits, response_values, window
 
 # A scripted reward for tests and experiments: (query [B,P], response [B,R], response_mask [B,R]) -> scores [B].
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -215,62 +216,16 @@ def stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
     return out
 
 
-def micro_batches(rows: torch.Tensor, query_mask: torch.Tensor, response_mask: torch.Tensor, size: int,
-                  bucket: int = 16):
-    """Split ``rows`` into chunks of ``size`` sequences of similar length.
-
-    Yields (chunk rows, p, r): the chunk only needs the last ``p`` query columns
-    and the first ``r`` response columns; everything else is padding for all of
-    its rows. Sorting by length first makes those windows tight. ``p`` and ``r``
-    are rounded up to a multiple of ``bucket`` (within the batch's width) so that
-    few distinct shapes occur: CPU bf16 kernels (oneDNN) are built per shape.
-    """
-    qlen = query_mask[rows].sum(1)
-    rlen = response_mask[rows].sum(1)
-    order = rows[torch.argsort(qlen + rlen, stable=True)]
-    P, R = query_mask.shape[1], response_mask.shape[1]
-    for i in range(0, len(order), size):
-        chunk = order[i: i + size]
-        p, r = int(query_mask[chunk].sum(1).max()), max(1, int(response_mask[chunk].sum(1).max()))
-        yield chunk, min(P, -(-p // bucket) * bucket), min(R, -(-r // bucket) * bucket)
-
-
-def window(g: Generation | Rollout, rows: torch.Tensor, p: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask [b, p + r] of the chunk ``rows`` cut to its window."""
-    ids = torch.cat([g.query[rows, -p:], g.response[rows, :r]], 1)
-    mask = torch.cat([g.query_mask[rows, -p:], g.response_mask[rows, :r].long()], 1)
-    return ids, mask
 
 
 
 
-def response_logits(model, ids: torch.Tensor, mask: torch.Tensor, r: int, temperature: float,
-                    lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-    """Logits that predict the ``r`` response tokens, [b, r, V] float32.
-
-    Only the last r + 1 positions go through the unembedding (``logits_to_keep``):
-    the prompt's positions would cost a [P, V] matmul and softmax for nothing.
-    ``lower = (h, k)``: start from ``h``, the hidden state after blocks 0..k-1 shared with other
-    models (``models.lower_hidden``); ``ids`` is then unused.
-    """
-    from instructrl.models import decoder_blocks
-
-    inputs = {"input_ids": ids} if lower is None else {"inputs_embeds": lower[0]}
-    with decoder_blocks(model, lower[1]) if lower is not None else nullcontext():
-        out = model(**inputs, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                    logits_to_keep=r + 1)
-    logits = out.logits[:, :-1].float()
-    return logits if temperature == 1.0 else logits / temperature  # skip a [b, r, V] copy at T = 1
 
 
 
 
-def response_values(value_model, ids: torch.Tensor, mask: torch.Tensor, r: int,
-                    lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-    """V(state before response token t) for t < r: the scalar head at positions P−1 .. P+r−2. [b, r]"""
-    from instructrl.train.rm import token_values
 
-    return token_values(value_model, ids, mask, lower)[:, -r - 1: -1]
+
 
 
 def warmup_schedule(optimizer, warmup: int):
@@ -371,11 +326,11 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     from tqdm import tqdm
 
     from instructrl.data import load_prompts, load_text_corpus
-    from instructrl.formatting import TruncationStats, encode_prompt
+    from instructrl.formatting import TruncationStats, encode_prompt_for_sampling
     from instructrl.io import RunDir, atomic_dir
     from instructrl.models import (attention_implementation, autocast_weight_cache, freeze_lower_layers, load_causal_lm,
                                    load_tokenizer, lower_hidden, make_adamw, resolve_model, shared_frozen_blocks)
-    from instructrl.train.rm import init_reward_model, load_reward_model, score as rm_score
+    from instructrl.reward_model import init_reward_model, load_reward_model, score as rm_score
 
     rc, kc, tc = cfg.rollout, cfg.kl, cfg.train
     if reward_fn is None and not cfg.reward_model:
@@ -434,14 +389,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     records = load_prompts(cfg.prompts)
     trunc = TruncationStats()
     prompt_ids = []
-    for rec in records:  # the truncation rule of formatting.py: cut from the left, keep the latest turns
-        p = encode_prompt(tok, rec.messages)
-        trunc.examples += 1
-        if len(p) > rc.max_prompt_tokens:
-            trunc.prompts_cut += 1
-            trunc.tokens_dropped += len(p) - rc.max_prompt_tokens
-            p = p[-rc.max_prompt_tokens:]
-        prompt_ids.append(p)
+    for rec in records:
+        prompt_ids.append(encode_prompt_for_sampling(tok, rec.messages, rc.max_prompt_tokens, trunc))
     ptx_ids = []
     if cfg.ptx_data and tc.ptx_coef > 0:
         ptx_ids = [tok(t, add_special_tokens=False)["input_ids"][: tc.ptx_max_tokens]

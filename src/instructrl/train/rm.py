@@ -1,4 +1,5 @@
-"""Reward model (InstructGPT §3.5 "Reward modeling", equation 1).
+"""Reward-model training (InstructGPT §3.5 "Reward modeling", equation 1); the model itself is in
+:mod:`instructrl.reward_model`, the evaluation command in :mod:`instructrl.evaluation.rm_eval`.
 
 The reward model is a causal LM (normally the SFT model) whose unembedding is
 replaced by a scalar head: a Hugging Face ``AutoModelForSequenceClassification``
@@ -31,207 +32,23 @@ to HF as :func:`score` does, or the positions shift.
 
 from __future__ import annotations
 
-import logging
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from instructrl.core.tensors import last_token_index, position_ids
-
 from instructrl.config import check, param
-from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.data import Demonstration, Ranking, load_demonstrations, load_rankings
+from instructrl.rm_metrics import calibration_bins, comparison_metrics, comparison_table, format_metrics, plot_calibration
 from instructrl.formatting import TruncationStats, build_example, encode_prompt, encode_response, pad, truncate
 from instructrl.io import DataError
-from instructrl.models import decoder, decoder_blocks
-
-BIAS_KEY = "reward_bias"  # config.json key holding the normalization bias
-
-
-# ---------------------------------------------------------------------------
-# Model: build, load, save
-# ---------------------------------------------------------------------------
-
-
-@contextmanager
-def _quiet_transformers():
-    """Silence the expected "newly initialized: score.weight" / "unused lm_head" notices."""
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(old)
-
-
-def reward_pad_token_id(tokenizer) -> int:
-    """The pad id for the RM: the tokenizer's pad if it differs from EOS, else its UNK, else EOS.
-
-    Every sequence ends in EOS, so HF's pooling (rightmost token != pad) only
-    finds it when pad != EOS. SmolLM2 pads with EOS (<|im_end|>); its UNK
-    (<|endoftext|>) never ends a sequence, so it becomes the RM's pad.
-    """
-    eos = tokenizer.eos_token_id
-    for cand in (tokenizer.pad_token_id, tokenizer.unk_token_id):
-        if cand is not None and cand != eos:
-            return int(cand)
-    logging.getLogger("instructrl.train.rm").warning(
-        "tokenizer has no token other than EOS to pad with: plain HF scoring of this RM reads the token "
-        "before the final EOS; instructrl.train.rm.score is unaffected (it uses the attention mask)")
-    return int(eos)
-
-
-def init_reward_model(lm_path: str | Path | None, dtype: torch.dtype = torch.float32):
-    """A reward model built from a causal-LM folder: same trunk, scalar head instead of the unembedding.
-
-    ``lm_path``: the SFT model folder (or ``None``/"default" for the embedded model).
-    The new head is initialised by HF's ``_init_weights`` (normal, std =
-    ``initializer_range``); ``config.reward_bias`` starts at 0.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    from instructrl.models import _hub_error, load_tokenizer, resolve_model
-
-    path = resolve_model(None if lm_path is None else str(lm_path))
-    tok = load_tokenizer(path)
-    pad = reward_pad_token_id(tok)
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, num_labels=1, pad_token_id=pad)
-        # A folder converted from GGUF keeps a stale quantization_config although its safetensors
-        # weights are plain floats; left in, transformers refuses to save (and Trainer to train) it.
-        q = getattr(config, "quantization_config", None)
-        if isinstance(q, dict) and q.get("quant_method") == "gguf":
-            del config.quantization_config
-        with _quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise _hub_error(path, e) from None
-    model.config.pad_token_id = pad
-    model.config.use_cache = False
-    setattr(model.config, BIAS_KEY, float(getattr(model.config, BIAS_KEY, 0.0) or 0.0))
-    return model
-
-
-def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a reward model saved by :func:`save_reward_model` (or any 1-label HF classifier)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from instructrl.models import ModelLoadError, _hub_error, resolve_model
-
-    p = resolve_model(str(path))
-    try:
-        with _quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise _hub_error(p, e) from None
-    if model.config.num_labels != 1:
-        raise ModelLoadError(f"{p}: not a reward model (num_labels={model.config.num_labels}, expected 1)")
-    if not hasattr(model.config, BIAS_KEY):
-        setattr(model.config, BIAS_KEY, 0.0)
-    model.config.use_cache = False
-    return model
-
-
-def save_reward_model(model, tokenizer, path: str | Path) -> Path:
-    """Save model + tokenizer atomically; the tokenizer pads with the RM's pad token."""
-    from instructrl.io import atomic_dir
-
-    path = Path(path)
-    model.config.architectures = [type(model).__name__]
-    tok_pad = model.config.pad_token_id
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            old = tokenizer.pad_token
-            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(tok_pad))
-            try:
-                tokenizer.save_pretrained(tmp)
-            finally:
-                tokenizer.pad_token = old
-    return path
-
-
-def get_bias(model) -> float:
-    return float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)
-
-
-def set_bias(model, bias: float) -> None:
-    setattr(model.config, BIAS_KEY, float(bias))
-
-
-# ---------------------------------------------------------------------------
-# Scoring
-# ---------------------------------------------------------------------------
+from instructrl.reward_model import RewardScorer, get_bias, init_reward_model, save_reward_model, set_bias
+from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 
 
 
-
-
-
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-    """Final hidden states of the trunk. [B, T, H]
-
-    ``lower = (h, k)``: ``h`` [B, T, H] is the hidden state after the model's blocks 0..k-1 for these
-    inputs (``models.lower_hidden``, shared with other models); only blocks k.. run.
-    """
-    pos = position_ids(attention_mask)
-    if lower is None:
-        return decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                             use_cache=False).last_hidden_state
-    with decoder_blocks(model, lower[1]):
-        return decoder(model)(inputs_embeds=lower[0], attention_mask=attention_mask, position_ids=pos,
-                             use_cache=False).last_hidden_state
-
-
-def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-          lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-    """Reward of each sequence: head output at its last real token, plus the normalization bias.
-
-    input_ids, attention_mask: [B, T] (left or right padded). Returns [B] float32.
-    Only the gathered positions go through the head (one H-vector per row).
-    ``lower``: see :func:`hidden_states`.
-    """
-    h = hidden_states(model, input_ids, attention_mask, lower)
-    last = last_token_index(attention_mask)
-    picked = h[torch.arange(h.shape[0], device=h.device), last]  # [B, H]
-    return model.score(picked).squeeze(-1).float() + get_bias(model)
-
-
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-    """The scalar head at every position, plus the bias. [B, T] float32.
-
-    ``token_values(...)[b, last_token_index(mask)[b]] == score(...)[b]``. The PPO
-    value model is initialised from the RM (InstructGPT §3.5) and reads this.
-    Values at padding positions are meaningless; mask them. ``lower``: see :func:`hidden_states`.
-    """
-    h = hidden_states(model, input_ids, attention_mask, lower)
-    return model.score(h).squeeze(-1).float() + get_bias(model)
-
-
-class RewardScorer(torch.nn.Module):
-    """``forward(input_ids, attention_mask) -> score [B]`` as one module, so that
-    accelerate/DDP sees a normal forward call (DDP syncs gradients through it)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return score(self.model, input_ids, attention_mask)
-
-
-# ---------------------------------------------------------------------------
-# Data: tokenized rankings and packed batches
 # ---------------------------------------------------------------------------
 
 
@@ -379,163 +196,6 @@ def normalize_bias(model, tokenizer, demos: list[Demonstration], max_length: int
 # ---------------------------------------------------------------------------
 
 
-def comparison_table(items: list[TokenizedRanking], scores: list[list[float]]) -> list[dict]:
-    """One row per untied comparison: ranking index, K, margin d = r_w - r_l."""
-    rows = []
-    for g, (it, s) in enumerate(zip(items, scores)):
-        for i in range(it.k):
-            for j in range(i + 1, it.k):
-                if it.ranks[i] == it.ranks[j]:
-                    continue
-                w, l = (i, j) if it.ranks[i] < it.ranks[j] else (j, i)
-                rows.append({"ranking": g, "k": it.k, "margin": s[w] - s[l]})
-    return rows
-
-
-def _cluster_bootstrap(num, den, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile CI of Σnum/Σden, resampling rankings (comparisons within a ranking are not independent)."""
-    import numpy as np
-
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    if len(num) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
-    stat = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
-    a = (1 - level) / 2
-    return float(np.quantile(stat, a)), float(np.quantile(stat, 1 - a))
-
-
-def comparison_metrics(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
-    """Accuracy (a score tie counts half) and log loss -log σ(r_w - r_l), overall and by K.
-
-    Every comparison weighs the same. 95% CIs: percentile bootstrap over
-    rankings (a cluster bootstrap; for pairwise data it matches the usual binomial interval).
-    """
-    import numpy as np
-
-    def block(sel: list[dict]) -> dict:
-        if not sel:
-            return {"comparisons": 0}
-        by_r: dict[int, list[float]] = {}
-        for r in sel:
-            by_r.setdefault(r["ranking"], []).append(r["margin"])
-        m = [np.asarray(v) for v in by_r.values()]
-        correct = np.array([(x > 0).sum() + 0.5 * (x == 0).sum() for x in m])
-        nll = np.array([np.logaddexp(0.0, -x).sum() for x in m])
-        n = np.array([len(x) for x in m])
-        acc_ci = _cluster_bootstrap(correct, n, n_boot, seed)
-        ll_ci = _cluster_bootstrap(nll, n, n_boot, seed + 1)
-        return {"comparisons": int(n.sum()), "rankings": len(m), "accuracy": float(correct.sum() / n.sum()),
-                "accuracy_ci95": list(acc_ci), "log_loss": float(nll.sum() / n.sum()), "log_loss_ci95": list(ll_ci)}
-
-    out = {"overall": block(rows), "by_k": {}}
-    for k in sorted({r["k"] for r in rows}):
-        out["by_k"][str(k)] = block([r for r in rows if r["k"] == k])
-    return out
-
-
-def calibration_bins(margins, n_bins: int = 10) -> dict:
-    """Predicted P(a beats b) = σ(r_a - r_b) against the observed frequency.
-
-    Each comparison enters in both orientations, (σ(d), won) and (σ(-d), lost),
-    so the curve covers [0, 1] and is symmetric. Returns bin centres, mean
-    predicted, observed rate and counts, and the expected calibration error.
-    """
-    import numpy as np
-
-    d = np.asarray(margins, dtype=np.float64)
-    p = np.concatenate([1 / (1 + np.exp(-d)), 1 / (1 + np.exp(d))])
-    y = np.concatenate([np.ones_like(d), np.zeros_like(d)])
-    edges = np.linspace(0, 1, n_bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
-    pred, obs, count = [], [], []
-    for b in range(n_bins):
-        sel = which == b
-        count.append(int(sel.sum()))
-        pred.append(float(p[sel].mean()) if sel.any() else float("nan"))
-        obs.append(float(y[sel].mean()) if sel.any() else float("nan"))
-    ece = float(sum(c * abs(a - o) for a, o, c in zip(pred, obs, count) if c) / max(len(p), 1))
-    return {"edges": edges.tolist(), "predicted": pred, "observed": obs, "count": count, "ece": ece}
-
-
-def plot_calibration(cal: dict, path: str | Path, title: str = "reward model calibration") -> None:
-    """Reliability diagram as PNG (atomic write)."""
-    import os
-    import tempfile
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect")
-    pts = [(a, o, c) for a, o, c in zip(cal["predicted"], cal["observed"], cal["count"]) if c]
-    ax.plot([a for a, _, _ in pts], [o for _, o, _ in pts], "o-", label=f"RM (ECE {cal['ece']:.3f})")
-    for a, o, c in pts:
-        ax.annotate(str(c), (a, o), textcoords="offset points", xytext=(3, -10), fontsize=7)
-    ax.set_xlabel("predicted P(win) = σ(r_a − r_b)")
-    ax.set_ylabel("observed win rate")
-    ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-
-
-def format_metrics(m: dict) -> str:
-    lines = [f"{'K':>8} {'rankings':>9} {'comparisons':>12} {'accuracy [95% CI]':>26} {'log loss [95% CI]':>26}"]
-
-    def row(name, b):
-        if not b.get("comparisons"):
-            return f"{name:>8} {'-':>9} {0:>12}"
-        a, al = b["accuracy"], b["accuracy_ci95"]
-        ll, lc = b["log_loss"], b["log_loss_ci95"]
-        return (f"{name:>8} {b['rankings']:>9} {b['comparisons']:>12} {a:>8.3f} [{al[0]:.3f}, {al[1]:.3f}]"
-                f"   {ll:>8.3f} [{lc[0]:.3f}, {lc[1]:.3f}]")
-
-    for k, b in m["by_k"].items():
-        lines.append(row(k, b))
-    lines.append(row("all", m["overall"]))
-    return "\n".join(lines)
-
-
-def evaluate(scorer, items: list[TokenizedRanking], pad_id: int, out_dir: str | Path | None = None,
-             max_sequences: int = 16, autocast=None, device="cpu", n_boot: int = 2000, seed: int = 0,
-             desc: str | None = "rm eval") -> dict:
-    """Score held-out rankings; metrics by K and overall; ``eval.json`` + ``calibration.png`` in ``out_dir``."""
-    import json
-
-    from instructrl.io import atomic_write_text
-
-    scores = score_rankings(scorer, items, pad_id, max_sequences, autocast, device, desc)
-    rows = comparison_table(items, scores)
-    metrics = comparison_metrics(rows, n_boot, seed)
-    metrics["calibration"] = calibration_bins([r["margin"] for r in rows])
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        atomic_write_text(out_dir / "eval.json", json.dumps(metrics, indent=2))
-        plot_calibration(metrics["calibration"], out_dir / "calibration.png")
-    return metrics
-
-
-# ---------------------------------------------------------------------------
-# Configs
-# ---------------------------------------------------------------------------
-
-
 @dataclass
 class RMData:
     train: str = param("", "rankings/pairs JSONL (docs/data-formats.md; HH-RLHF transcripts accepted); required")
@@ -587,31 +247,6 @@ class RMConfig:
     device: str = device_field()
     data: RMData = param(RMData(), "comparison data")
     train: RMTrain = param(RMTrain(), "optimisation")
-
-
-@dataclass
-class RMEvalConfig:
-    model: str = param("", "trained reward model folder (e.g. runs/rm/model); required")
-    data: str = param("", "held-out rankings/pairs JSONL; required")
-    output_dir: str = param("", "where eval.json and calibration.png go; empty = <model>/eval")
-    device: str = device_field()
-    max_length: int = param(512, "max tokens of prompt + response (truncation as in training)")
-    min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens")
-    micro_batch_size: int = param(16, "sequences per forward pass")
-    precision: Precision = precision_field()
-    errors: Literal["raise", "skip"] = param("raise", "bad rows: raise or skip (counted)")
-    bootstrap: int = param(2000, "bootstrap resamples for the 95% confidence intervals")
-
-    def validate(self):
-        check(bool(self.model), "model: a reward model folder is required (model=PATH)")
-        check(bool(self.data), "data: a rankings file is required (data=PATH)")
-        check(self.max_length > self.min_prompt_tokens, "max_length must exceed min_prompt_tokens")
-        check(self.bootstrap >= 100, "bootstrap must be >= 100")
-
-
-# ---------------------------------------------------------------------------
-# The loops
-# ---------------------------------------------------------------------------
 
 
 def split_rankings(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -791,30 +426,25 @@ def train_rm(cfg: RMConfig) -> Path:
     accelerator.wait_for_everyone()
     return final
 
-
-def evaluate_rm(cfg: RMEvalConfig) -> dict:
-    """``instructrl rm eval``: accuracy and log loss on held-out comparisons, by K, with 95% CIs + calibration PNG."""
-    from instructrl.models import load_tokenizer
-
-    rt = make_runtime(cfg.device, cfg.precision)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.model) / "eval"
-    model = load_reward_model(cfg.model).eval().to(rt.device)
-    tok = load_tokenizer(cfg.model)
-    msgs: list[str] = []
-    rankings = _load_rankings_counted(cfg.data, cfg.errors, msgs.append)
-    stats = RankingTruncation()
-    items = tokenize_rankings(tok, rankings, cfg.max_length, cfg.min_prompt_tokens, stats)
-    msg = f"truncation (max_length={cfg.max_length}): {stats.summary()}"
-    print(f"[rm eval] {msg}")
-
-    m = evaluate(RewardScorer(model), items, model.config.pad_token_id, out_dir, cfg.micro_batch_size, rt.autocast,
-                 rt.device, cfg.bootstrap)
-    m["truncation"] = stats.summary()
-    m["skipped_rows"] = msgs
-    from instructrl.io import atomic_write_text
+def evaluate(scorer, items: list[TokenizedRanking], pad_id: int, out_dir: str | Path | None = None,
+             max_sequences: int = 16, autocast=None, device="cpu", n_boot: int = 2000, seed: int = 0,
+             desc: str | None = "rm eval") -> dict:
+    """Score held-out rankings; metrics by K and overall; ``eval.json`` + ``calibration.png`` in ``out_dir``."""
     import json
 
-    atomic_write_text(out_dir / "eval.json", json.dumps(m, indent=2))
-    print(format_metrics(m))
-    print(f"[rm eval] wrote {out_dir / 'eval.json'} and {out_dir / 'calibration.png'}")
-    return m
+    from instructrl.io import atomic_write_text
+
+    scores = score_rankings(scorer, items, pad_id, max_sequences, autocast, device, desc)
+    rows = comparison_table(items, scores)
+    metrics = comparison_metrics(rows, n_boot, seed)
+    metrics["calibration"] = calibration_bins([r["margin"] for r in rows])
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        atomic_write_text(out_dir / "eval.json", json.dumps(metrics, indent=2))
+        plot_calibration(metrics["calibration"], out_dir / "calibration.png")
+    return metrics
+
+
+# ---------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------

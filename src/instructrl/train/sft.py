@@ -331,7 +331,7 @@ def rm_score_checkpoint(checkpoint: str, val_demos: list[Demonstration], sel: SF
     from instructrl.formatting import build_example, pad
     from instructrl.generation import generate_texts
     from instructrl.models import load_causal_lm, load_tokenizer
-    from instructrl.train.rm import load_reward_model, score
+    from instructrl.reward_model import load_reward_model, score
 
     tok = load_tokenizer(checkpoint)
     policy = load_causal_lm(checkpoint)
