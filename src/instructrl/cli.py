@@ -36,21 +36,25 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
 }
 
 
-def _field_help(cls: type, prefix: str = "") -> list[str]:
+def _field_help(cls: type, prefix: str = "", instance=None) -> list[str]:
+    """One line per key with its default; a nested section's defaults are those of its own default
+    instance (the pipeline's stage configs differ from the commands' defaults)."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"  [{prefix}{f.name}] {f.metadata.get('help', '')}".rstrip())
-            lines += _field_help(tp, prefix + f.name + ".")
-            continue
-        if f.default is not dataclasses.MISSING:
+        if instance is not None:
+            default = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "(required)"
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"  [{prefix}{f.name}] {f.metadata.get('help', '')}".rstrip())
+            lines += _field_help(tp, prefix + f.name + ".", default if dataclasses.is_dataclass(default) else None)
+            continue
         lines.append(f"  {prefix}{f.name} = {default!r}  {f.metadata.get('help', '')}".rstrip())
     return lines
 
@@ -129,20 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="YAML config file; keys as listed below")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
-    presets = getattr(module, "PRESETS", None)
+    presets = getattr(cls, "PRESETS", None)
     if presets:
-        parser.add_argument("--preset", choices=sorted(presets), help="a named set of overrides, applied first")
+        parser.add_argument("--preset", choices=sorted(presets), help="a named set of overrides, applied under yours")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
     args = parser.parse_args(_flags_to_overrides(rest))
     overrides = list(args.overrides)
-    if presets:
-        # --preset NAME (or preset=NAME) puts that preset's overrides under the user's own.
-        named = [o.split("=", 1)[1] for o in overrides if o.startswith("preset=")]
-        preset = args.preset or (named[-1] if named else "default")
-        if preset not in presets:
-            print(f"instructrl: error: unknown preset {preset!r}; choose from {sorted(presets)}", file=sys.stderr)
-            return 2
-        overrides = presets[preset] + [f"preset={preset}"] + [o for o in overrides if not o.startswith("preset=")]
+    if presets and args.preset:  # load_config puts the preset's overrides under the file's and the user's
+        overrides.insert(0, f"preset={args.preset}")
     cfg = None
     try:
         cfg = load_config(cls, args.config, overrides)

@@ -4,9 +4,17 @@
 
 Every config is a (possibly nested) dataclass. Unknown keys, wrong types and
 invalid values raise :class:`ConfigError` naming the file and the dotted key.
-A config class may define ``validate(self)`` (raise ``ConfigError``) and
-``finalize(self)`` (compute derived values); both run after parsing, on every
-nested dataclass, children first.
+A config class may define ``fill(self)`` (set its children's values; runs parent first,
+as the pipeline does for its stage configs), ``finalize(self)`` (derive its own values)
+and ``validate(self)`` (check, raising ``ConfigError``); those two run children first.
+None may probe hardware or write files.
+
+A class with a ``PRESETS`` mapping (name -> dotted overrides) and a ``preset`` field gets
+that preset's overrides applied under the file's values and the caller's overrides.
+
+Command-line override values are read for the type of their key: a ``str`` key takes the
+text verbatim (``output_dir=runs/x #1``, ``name=on``), other keys read it as YAML
+(``3``, ``1e-5``, ``true``, ``[a, b]``, ``{a: 1}``).
 """
 
 from __future__ import annotations
@@ -45,8 +53,40 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    overrides = list(overrides or [])
+    presets = getattr(cls, "PRESETS", None)
+    if presets is not None:
+        named = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == "preset"]
+        name = named[-1] if named else raw.get("preset", _field_default(cls, "preset"))
+        if name not in presets:
+            raise ConfigError(f"{where}: preset must be one of {sorted(presets)}, got {name!r}")
+        raw = _merge(_apply_overrides({}, presets[name], {}), raw)
     from_cli: dict[str, str] = {}  # dotted key -> the override that set it, for error messages
-    for item in overrides or []:
+    raw = _apply_overrides(raw, overrides, from_cli)
+    cfg = _build(cls, raw, prefix="", where=where, from_cli=from_cli)
+    _post(cfg, where)
+    return cfg
+
+
+class _CliText(str):
+    """An override's value as typed: read for the type of its key (see the module docstring)."""
+
+
+def _field_default(cls: type, name: str) -> Any:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, section by section."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_overrides(raw: dict, overrides: list[str], from_cli: dict[str, str]) -> dict:
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, _, value = item.partition("=")
@@ -60,11 +100,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _CliText(value)
         from_cli[".".join(parts)] = item
-    cfg = _build(cls, raw, prefix="", where=where, from_cli=from_cli)
-    _post(cfg, where)
-    return cfg
+    return raw
 
 
 def _parse_value(value: str) -> Any:
@@ -86,7 +124,10 @@ def save_config(cfg: Any, path: str | Path) -> None:
     write_yaml(path, config_to_dict(cfg))
 
 
-def _build(cls: type, raw: Any, prefix: str, where: str, from_cli: dict[str, str] | None = None) -> Any:
+def _build(cls: type, raw: Any, prefix: str, where: str, from_cli: dict[str, str] | None = None,
+           base: Any = None) -> Any:
+    """``cls`` from the mapping ``raw``; keys it lacks keep ``base``'s values (a field's own default
+    instance, e.g. a stage config with the pipeline's defaults), else the class defaults."""
     if raw is None and prefix:  # an empty YAML section (all its keys commented out) means "all defaults"
         raw = {}
     from_cli = from_cli or {}
@@ -104,9 +145,16 @@ def _build(cls: type, raw: Any, prefix: str, where: str, from_cli: dict[str, str
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
+            if base is not None:
+                kwargs[name] = copy.deepcopy(getattr(base, name))
             continue
         key = f"{prefix}{name}"
-        kwargs[name] = _coerce(hints[name], raw[name], key, where, from_cli)
+        if dataclasses.is_dataclass(hints[name]):
+            sub = getattr(base, name) if base is not None else _field_default(cls, name)
+            kwargs[name] = _build(hints[name], raw[name], prefix=key + ".", where=where, from_cli=from_cli,
+                                  base=sub if dataclasses.is_dataclass(sub) else None)
+        else:
+            kwargs[name] = _coerce(hints[name], raw[name], key, where, from_cli)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -122,6 +170,8 @@ def _origin(key: str, from_cli: dict[str, str], where: str) -> str:
 
 
 def _coerce(tp: Any, value: Any, key: str, where: str, from_cli: dict[str, str] | None = None) -> Any:
+    if isinstance(value, _CliText):  # typed on the command line: verbatim for text keys, else YAML
+        value = str(value) if tp is str else _parse_value(str(value))
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, prefix=key + ".", where=where, from_cli=from_cli)
@@ -180,17 +230,38 @@ def _coerce(tp: Any, value: Any, key: str, where: str, from_cli: dict[str, str] 
 
 
 def _post(cfg: Any, where: str) -> None:
+    """``fill`` parent first (a parent may set its children's values), then ``finalize`` and
+    ``validate`` children first."""
+    _walk(cfg, where, ("fill",), top_down=True)
+    _walk(cfg, where, ("finalize", "validate"), top_down=False)
+
+
+def _walk(cfg: Any, where: str, hooks: tuple[str, ...], top_down: bool) -> None:
+    if top_down:
+        for h in hooks:
+            _hook(cfg, h, where)
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
-            _post(v, where)
-    for hook in ("finalize", "validate"):
-        fn = getattr(cfg, hook, None)
-        if fn is not None:
-            try:
-                fn()
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
+            _walk(v, where, hooks, top_down)
+    if not top_down:
+        for h in hooks:
+            _hook(cfg, h, where)
+
+
+def validate_config(cfg: Any, where: str = "config") -> Any:
+    """Run every ``finalize`` and ``validate`` of a config built in code (e.g. with ``dataclasses.replace``)."""
+    _post(cfg, where)
+    return cfg
+
+
+def _hook(cfg: Any, hook: str, where: str) -> None:
+    fn = getattr(cfg, hook, None)
+    if fn is not None:
+        try:
+            fn()
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def check(cond: bool, message: str) -> None:
@@ -212,3 +283,36 @@ def param(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dat
         # a fresh copy of the given section each time, keeping any values set in it
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    """The value at a dotted key: ``get_key(cfg, "train.lr")``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def replace_keys(cfg: T, changes: dict[str, Any]) -> T:
+    """A copy of ``cfg`` with dotted keys replaced (``{"train.lr": 3e-4}``), through ``dataclasses.replace``:
+    values are set as they are, never formatted into text and parsed back."""
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            top[head] = value
+    for head, sub in nested.items():
+        top[head] = replace_keys(getattr(cfg, head), sub)
+    return dataclasses.replace(cfg, **top)
+
+
+def with_overrides(cfg: T, overrides: list[str], where: str = "override") -> T:
+    """``cfg`` with command-line style ``key.sub=value`` overrides applied on top (keys it lacks keep
+    ``cfg``'s values), then finalized and validated; for scripts that start from a derived config."""
+    from_cli: dict[str, str] = {}
+    raw = _apply_overrides({}, list(overrides), from_cli)
+    out = _build(type(cfg), raw, prefix="", where=where, from_cli=from_cli, base=cfg)
+    _post(out, where)
+    return out
