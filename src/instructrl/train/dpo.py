@@ -179,6 +179,19 @@ def logps(model, b: PackedBatch, rt) -> torch.Tensor:
     return sequence_logprobs(logits, b.lm.input_ids.to(dev), b.lm.loss_mask.to(dev))
 
 
+@torch.no_grad()
+def score_items(model, items: list[DPOItem], pad_id: int, micro: int, rt) -> list[list[float]]:
+    """log π(y | x) of every response of every ranking (same order), batched by length."""
+    where = {id(it): i for i, it in enumerate(items)}
+    out: list[list[float]] = [[] for _ in items]
+    by_length = sorted(items, key=lambda it: max(len(e.input_ids) for e in it.examples))  # less padding
+    for group in pack(by_length, micro):
+        lp = logps(model, collate(group, pad_id), rt).float().cpu().tolist()
+        for it in group:
+            out[where[id(it)]], lp = lp[:it.k], lp[it.k:]
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Reference log-probs: computed once, cached in the run folder
 # ---------------------------------------------------------------------------
@@ -196,14 +209,7 @@ def reference_logps(cfg: DPOConfig, items: list[DPOItem], pad_id: int, rt, accel
                           f"an exact resume. Start a new run (no --resume) or restore the file")
     if not cfg.resume and accelerator.is_main_process:
         ref = load_causal_lm(cfg.reference or cfg.model).to(rt.device).eval()
-        where = {id(it): i for i, it in enumerate(items)}
-        out: list[list[float]] = [[] for _ in items]
-        by_length = sorted(items, key=lambda it: max(len(e.input_ids) for e in it.examples))  # less padding
-        for group in pack(by_length, cfg.train.micro_batch_size):
-            with torch.no_grad():
-                lp = logps(ref, collate(group, pad_id), rt).float().cpu().tolist()
-            for it in group:
-                out[where[id(it)]], lp = lp[:it.k], lp[it.k:]
+        out = score_items(ref, items, pad_id, cfg.train.micro_batch_size, rt)
         del ref
         gc.collect()  # the reference is not kept in memory during training
         tmp = path.with_name(f".{path.name}.tmp")
