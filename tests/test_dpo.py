@@ -144,3 +144,42 @@ def test_infinite_lr_stops_with_config_error_and_saves_no_model(tiny_model_dir, 
         train_dpo(_cfg(tiny_model_dir, _rankings(tmp_path / "r.jsonl"), tmp_path / "run", "train.lr=inf"))
     assert not (tmp_path / "run" / "model").exists()
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_two_process_data_parallel_equals_single_process(tiny_model_dir, tmp_path):
+    """torchrun, 2 CPU processes (gloo) == 1 process, on 7 rankings in steps of 2: the last step gives process 1
+    nothing (it joins the gradient sync with weight 0). The loss is normalised by the step's rankings."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "r7.jsonl"
+    data.write_text("".join(_rankings(tmp_path / "r.jsonl").read_text().splitlines(keepends=True)[:7]))
+    script = tmp_path / "run_dpo.py"
+    script.write_text("import sys\nfrom instructrl.config import load_config\n"
+                      "from instructrl.train.dpo import DPOConfig, train_dpo\n"
+                      "train_dpo(load_config(DPOConfig, None, sys.argv[1:]))\n")
+    common = [f"model={tiny_model_dir}", f"data.train={data}", "train.batch_size=2", "train.lr=5e-3",
+              "train.precision=fp32", "train.warmup_ratio=0", "data.max_length=64", "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), *common, f"output_dir={tmp_path / 'one'}",
+                          "train.micro_batch_size=6"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), *common,
+                          f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=3"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    moved = max((a[k] - load_file(tiny_model_dir / "model.safetensors")[k]).abs().max().item() for k in a)
+    assert moved > 1e-3
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+    ra, rb = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert len(ra) == len(rb) == 4
+    for x, y in zip(ra, rb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7)
+        assert x["comparisons"] == y["comparisons"]
