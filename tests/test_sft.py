@@ -132,3 +132,71 @@ def test_trainable_layers_trains_only_the_top_blocks(tiny_model_dir, tmp_path):
     for k, v in before.items():
         moved = not torch.equal(v, after[k])
         assert moved == (k.startswith(top) or k == "model.norm.weight"), k
+
+
+# ---------------------------------------------------------------------------
+# Non-finite steps and bad data (issue 22); the guard lives in train/common.py, shared with RM and DPO
+# ---------------------------------------------------------------------------
+
+
+def test_sft_infinite_lr_stops_with_config_error_and_saves_nothing(tiny_model_dir, tmp_path):
+    from instructrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr"):
+        train_sft(_cfg(tiny_model_dir, tmp_path / "run", "train.lr=inf", "train.precision=fp32"))
+    assert not (tmp_path / "run" / "model").exists()
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # step 1 is finite and its update makes the weights inf/nan; the later steps are skipped and counted
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 2]
+
+
+def test_rm_infinite_lr_stops_with_config_error_and_saves_nothing(tiny_model_dir, tmp_path):
+    from instructrl.config import ConfigError
+    from instructrl.train.rm import RMConfig, train_rm
+
+    cfg = load_config(RMConfig, None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'rm'}",
+                                       f"data.train={EXAMPLES / 'pairwise.jsonl'}", "data.val_fraction=0",
+                                       "train.batch_size=1", "train.lr=inf", "train.precision=fp32"])
+    with pytest.raises(ConfigError, match="train.lr"):
+        train_rm(cfg)
+    assert not (tmp_path / "rm" / "model").exists()
+    rows = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_steps"] == 2 and rows[-1]["step"] == 3
+
+
+def test_optimizer_step_skips_non_finite_and_all_skipped_is_an_error():
+    from accelerate import Accelerator
+
+    from instructrl.config import ConfigError
+    from instructrl.train.common import check_trainable, optimizer_step
+
+    acc = Accelerator(cpu=True)
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    (p * torch.tensor([1.0, float("nan")])).sum().backward()
+    res = optimizer_step(acc, [p], opt, sched, 1.0, loss=1.0)
+    assert res.skipped and torch.equal(p.detach(), torch.ones(2)) and p.grad is None
+    p.sum().backward()
+    res = optimizer_step(acc, [p], opt, sched, 0.0, loss=float("inf"))  # finite grad, infinite loss
+    assert res.skipped and res.grad_norm is None and torch.equal(p.detach(), torch.ones(2))
+    p.sum().backward()
+    res = optimizer_step(acc, [p], opt, sched, 0.0, loss=2.0)
+    assert not res.skipped and torch.equal(p.detach(), torch.full((2,), 0.5))
+    check_trainable(2, 3, "epoch 1", 1.0, "d.jsonl")  # some step was finite: no error
+    with pytest.raises(ConfigError, match=r"epoch 1: all 3 .*train.lr.*d.jsonl"):
+        check_trainable(3, 3, "epoch 1", 1.0, "d.jsonl")
+
+
+@pytest.mark.parametrize("n_rows", [0, 1])
+def test_sft_too_little_data_is_a_data_error_naming_the_file(tiny_model_dir, tmp_path, n_rows):
+    from instructrl.io import DataError
+
+    path = tmp_path / "demos.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "p", "response": f"r{i}"}) + "\n" for i in range(n_rows)))
+    cfg = load_config(SFTConfig, None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+                                        f"data.train={path}"])
+    with pytest.raises(DataError, match=str(path)):
+        train_sft(cfg)
+    assert not (tmp_path / "run" / "model").exists()

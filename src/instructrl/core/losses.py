@@ -2,7 +2,8 @@
 
 Sections: SFT (language modelling on response tokens), reward model (K-wise
 ranking loss, InstructGPT eq. 1), PPO (clipped policy/value losses, PPO-ptx
-term, InstructGPT eq. 2). The RL quantities they consume (KL penalty, GAE,
+term, InstructGPT eq. 2), DPO, IPO and listwise Plackett-Luce DPO (Rafailov et al. 2023;
+Azar et al. 2023). The RL quantities they consume (KL penalty, GAE,
 whitening) live in :mod:`instructrl.core.rl_math`.
 
 This module imports only torch, so ``import instructrl.core.losses`` stays light.
@@ -174,3 +175,112 @@ def ppo_ptx_objective(policy_loss: torch.Tensor, ptx: torch.Tensor | None, ptx_c
     if ptx is None or ptx_coef == 0:
         return policy_loss
     return policy_loss + ptx_coef * ptx
+
+
+# ---------------------------------------------------------------------------
+# Direct preference optimisation (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290) and IPO
+# (Azar et al. 2023, https://arxiv.org/abs/2310.12036). Inputs are sequence log-probabilities of the
+# response tokens, log π(y | x) = Σ_t log π(y_t | x, y_<t), under the policy and the frozen reference.
+# The implicit reward of DPO is r(x, y) = β (log π_θ(y|x) - log π_ref(y|x)) (paper §5).
+# ---------------------------------------------------------------------------
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """log π(response | prompt) of each row: the sum of the token log-probs where ``loss_mask`` is 1.
+
+    logits [B, T, V], input_ids [B, T], loss_mask [B, T] (the response tokens, as for SFT) -> [B] float32.
+    """
+    return (token_logprobs(logits, input_ids) * loss_mask).sum(-1)
+
+
+def ranking_pairs(group: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every untied (winner, loser) pair of a flat batch of rankings, weighted 1/C(K,2) of its ranking.
+
+    group, ranks: [N] long (as for :func:`kwise_ranking_loss`). Returns winner [P], loser [P] (indices
+    into N) and weight [P] float: the same pairs and weights as the K-wise RM loss (ties give no pair).
+    """
+    same = group[:, None] == group[None, :]
+    better = same & (ranks[:, None] < ranks[None, :])
+    k = same.sum(1).float()
+    w, l = better.nonzero(as_tuple=True)
+    return w, l, 2.0 / (k[w] * (k[w] - 1)).clamp(min=1.0)
+
+
+def _pair_stats(margin: torch.Tensor, total: torch.Tensor) -> dict:
+    with torch.no_grad():
+        pairs = margin.numel()
+        correct = (margin > 0).sum()
+        return {"pairs": pairs, "correct": correct, "accuracy": correct.float() / max(pairs, 1),
+                "margin": margin.mean() if pairs else torch.zeros(()), "loss_sum": total.detach()}
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, weight: torch.Tensor | None = None,
+             num: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """DPO loss, Rafailov et al. 2023 eq. (7):
+
+        L = -E[ log σ( β log π_θ(y_w|x)/π_ref(y_w|x) - β log π_θ(y_l|x)/π_ref(y_l|x) ) ]
+
+    All four inputs are [P] sequence log-probs (chosen y_w, rejected y_l). ``weight`` [P] weighs each
+    pair (default 1; :func:`ranking_pairs` gives 1/C(K,2)); ``num`` is the normaliser (default: P), pass
+    the count of the whole optimizer step for exact accumulation. Stats: ``margin`` = mean implicit
+    reward margin r_w - r_l, ``accuracy`` = share of pairs with r_w > r_l, ``pairs``, ``loss_sum``.
+    """
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    w = torch.ones_like(margin) if weight is None else weight
+    total = (w * F.softplus(-margin)).sum()  # softplus(-d) = -log σ(d), stable
+    denom = margin.numel() if num is None else num
+    return total / torch.clamp(torch.as_tensor(denom, dtype=total.dtype), min=1.0), _pair_stats(margin.detach(), total)
+
+
+def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, weight: torch.Tensor | None = None,
+             num: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """IPO loss, Azar et al. 2023 eq. (17), with τ = ``beta``:
+
+        h = log π_θ(y_w|x)/π_ref(y_w|x) - log π_θ(y_l|x)/π_ref(y_l|x),   L = E[ (h - 1/(2τ))² ]
+
+    A squared loss that pulls the log-ratio gap to the finite target 1/(2τ) instead of pushing it
+    to infinity as DPO does on deterministic preferences. Shapes, ``weight``, ``num`` and stats as
+    :func:`dpo_loss` (``margin`` is the DPO-style implicit reward gap τ·h, for comparable logs).
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    w = torch.ones_like(h) if weight is None else weight
+    total = (w * (h - 1.0 / (2.0 * beta)) ** 2).sum()
+    denom = h.numel() if num is None else num
+    return total / torch.clamp(torch.as_tensor(denom, dtype=total.dtype), min=1.0), _pair_stats(beta * h.detach(), total)
+
+
+def plackett_luce_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, group: torch.Tensor,
+                           ranks: torch.Tensor, beta: float,
+                           num_rankings: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Listwise DPO under the Plackett-Luce model, Rafailov et al. 2023 Appendix A.3 eq. (18):
+
+        L = -E[ log Π_{k=1..K} exp(r(x, y_τ(k))) / Σ_{j=k..K} exp(r(x, y_τ(j))) ],  r = β log π_θ/π_ref
+
+    One ranking of K responses is one batch element (K forward passes, no pair expansion).
+    policy_logps, ref_logps: [N] sequence log-probs; group, ranks: [N] long as in
+    :func:`kwise_ranking_loss` (0 = best). Ties give no comparison (the K-wise RM convention):
+    response i competes only with the responses ranked strictly below it, so its factor is
+    exp(r_i) / (exp(r_i) + Σ_{rank_j > rank_i} exp(r_j)), and a response with none below it adds
+    nothing. At K = 2 this is exactly :func:`dpo_loss`. Normaliser: rankings here, or
+    ``num_rankings``. Stats as :func:`dpo_loss`, over the untied pairs, plus ``rankings``.
+    """
+    if policy_logps.dim() != 1 or not (ref_logps.shape == group.shape == ranks.shape == policy_logps.shape):
+        raise ValueError(f"policy_logps, ref_logps, group, ranks must all be [N]; got {tuple(policy_logps.shape)}, "
+                         f"{tuple(ref_logps.shape)}, {tuple(group.shape)}, {tuple(ranks.shape)}")
+    r = beta * (policy_logps.float() - ref_logps.float())                   # [N] implicit rewards
+    same = group[:, None] == group[None, :]                                 # [N, N]
+    below = same & (ranks[:, None] < ranks[None, :])                        # [N, N]: j ranked strictly below i
+    competes = below | torch.eye(len(r), dtype=torch.bool, device=r.device)  # i's denominator: itself + below
+    lse = torch.logsumexp(r[None, :].masked_fill(~competes, float("-inf")), dim=1)  # [N]
+    nll = (lse - r) * below.any(1)                                          # -log factor; 0 with nothing below
+    total = nll.sum()
+    n_groups = torch.unique(group).numel()
+    denom = n_groups if num_rankings is None else num_rankings
+    loss = total / torch.clamp(torch.as_tensor(denom, dtype=total.dtype), min=1.0)
+    with torch.no_grad():
+        margin = (r[:, None] - r[None, :])[below]
+    stats = _pair_stats(margin, total)
+    stats["rankings"] = n_groups
+    return loss, stats

@@ -32,6 +32,7 @@ to HF as :func:`score` does, or the positions shift.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ from instructrl.formatting import TruncationStats, build_example, encode_prompt,
 from instructrl.io import DataError
 from instructrl.reward_model import RewardScorer, get_bias, init_reward_model, save_reward_model, set_bias
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
+from instructrl.train.common import (accumulate, check_finite_weights, check_trainable, optimizer_step,
+                                     setup_accelerator, split_global_batch, split_validation)
 
 
 
@@ -148,7 +151,7 @@ def score_rankings(scorer, items: list[TokenizedRanking], pad_id: int, max_seque
     pos = 0
     for group in tqdm(packs, desc=desc, disable=desc is None, leave=False):
         b = collate_rankings(group, pad_id)
-        with autocast() if autocast is not None else _nullctx():
+        with autocast() if autocast is not None else contextlib.nullcontext():
             s = scorer(b.input_ids.to(device), b.attention_mask.to(device)).float().cpu()
         start = 0
         for it in group:
@@ -157,14 +160,6 @@ def score_rankings(scorer, items: list[TokenizedRanking], pad_id: int, max_seque
             pos += 1
     scorer.train(was_training)
     return out
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @torch.no_grad()
@@ -249,16 +244,6 @@ class RMConfig:
     train: RMTrain = param(RMTrain(), "optimisation")
 
 
-def split_rankings(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded random split: (train, held out) with round(fraction * n) >= 1 held out."""
-    import random
-
-    idx = list(range(len(items)))
-    random.Random(seed).shuffle(idx)
-    held = set(idx[: max(1, round(len(items) * fraction))])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
 def _load_rankings_counted(path: str, errors: str, log) -> list[Ranking]:
     skipped: list = []
     with warnings.catch_warnings():
@@ -290,7 +275,6 @@ def train_rm(cfg: RMConfig) -> Path:
     import random
     import time
 
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -302,13 +286,12 @@ def train_rm(cfg: RMConfig) -> Path:
     # 1. set-up ------------------------------------------------------------
     rt = make_runtime(cfg.device, cfg.train.precision)
     cfg.train.precision = rt.precision  # saved resolved, so the run folder says what ran
-    accelerator = Accelerator(cpu=rt.device.type == "cpu")
-    set_seed(cfg.train.seed)
     tc, dc = cfg.train, cfg.data
+    accelerator = setup_accelerator(rt)
+    set_seed(tc.seed)
     run = RunDir(cfg.output_dir, is_main=accelerator.is_main_process)
     run.save_config(cfg)
-    world, rank, dev = accelerator.num_processes, accelerator.process_index, accelerator.device
-
+    dev = rt.device
     autocast = rt.autocast
 
     # 2. data --------------------------------------------------------------
@@ -317,7 +300,7 @@ def train_rm(cfg: RMConfig) -> Path:
     if dc.val:
         train_r, val_r = rankings, _load_rankings_counted(dc.val, dc.errors, run.info)
     elif dc.val_fraction > 0 and len(rankings) > 1:
-        train_r, val_r = split_rankings(rankings, dc.val_fraction, tc.seed)
+        train_r, val_r = split_validation(rankings, dc.val_fraction, tc.seed)
     else:
         train_r, val_r = rankings, []
     demos = load_demonstrations(dc.demonstrations) if dc.demonstrations else []
@@ -349,7 +332,8 @@ def train_rm(cfg: RMConfig) -> Path:
     order_rng = random.Random(tc.seed)  # the same order on every process
 
     # 4. epochs ------------------------------------------------------------
-    step = 0
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    step, skipped = 0, 0
     bar = tqdm(total=total_steps, desc="rm", disable=not accelerator.is_local_main_process)
     for epoch in range(1, tc.epochs + 1):
         order = list(range(len(train_items)))
@@ -357,42 +341,41 @@ def train_rm(cfg: RMConfig) -> Path:
         for start in range(0, len(order), tc.batch_size):
             t0 = time.perf_counter()
             global_batch = [train_items[i] for i in order[start:start + tc.batch_size]]
-            mine = global_batch[rank::world]
+            mine = split_global_batch(global_batch, accelerator)
             micro = [collate_rankings(g, pad_id) for g in pack_rankings(mine, tc.micro_batch_size)]
-            loss_sum, correct, pairs, seqs, tokens = 0.0, 0, 0, 0, 0
-            for j, b in enumerate(micro):
-                sync = accelerator.no_sync(scorer) if j < len(micro) - 1 else _nullctx()
-                with sync:
-                    with autocast():
-                        s = scorer(b.input_ids.to(dev), b.attention_mask.to(dev))
-                    # Normaliser = rankings in the whole optimizer step: exact full-batch gradient.
-                    loss, st = kwise_ranking_loss(s, b.group.to(dev), b.ranks.to(dev), num_rankings=len(global_batch))
-                    accelerator.backward(loss * world)  # DDP averages over processes; undo it
-                loss_sum += st["loss_sum"].item()
-                correct += int(st["correct"])
-                pairs += st["pairs"]
-                seqs += b.input_ids.shape[0]
-                tokens += int(b.attention_mask.sum())
-            params = [p for p in scorer.parameters() if p.requires_grad]
-            grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+
+            def loss_fn(b):
+                with autocast():
+                    s = scorer(b.input_ids.to(dev), b.attention_mask.to(dev))
+                # Normaliser = rankings in the whole optimizer step: exact full-batch gradient.
+                return kwise_ranking_loss(s, b.group.to(dev), b.ranks.to(dev), num_rankings=len(global_batch))
+
+            sts = accumulate(accelerator, scorer, micro, loss_fn)
+            local = [sum(st["loss_sum"].item() for st in sts), sum(int(st["correct"]) for st in sts),
+                     sum(st["pairs"] for st in sts), sum(b.input_ids.shape[0] for b in micro),
+                     sum(int(b.attention_mask.sum()) for b in micro)]
+            tot = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=dev), "sum").cpu()
+            step_loss = tot[0].item() / len(global_batch)
+            res = optimizer_step(accelerator, params, opt, sched, tc.max_grad_norm, step_loss)
+            skipped += res.skipped
             step += 1
             dt = time.perf_counter() - t0
-            tot = accelerator.reduce(torch.tensor([loss_sum, correct, pairs, seqs, tokens], dtype=torch.float64), "sum")
-            row = {"step": step, "epoch": epoch, "loss": tot[0].item() / len(global_batch),
+            row = {"step": step, "epoch": epoch, "loss": step_loss,
                    "accuracy": tot[1].item() / max(tot[2].item(), 1), "comparisons": int(tot[2].item()),
                    "rankings": len(global_batch), "sequences": int(tot[3].item()), "lr": sched.get_last_lr()[0],
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None, "seconds": dt,
-                   "tokens_per_s": tot[4].item() / dt}
+                   "grad_norm": res.grad_norm, "seconds": dt, "tokens_per_s": tot[4].item() / dt,
+                   "skipped_steps": skipped}
             if step % tc.log_every == 0 or step == total_steps:
                 run.log_metrics(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            skipped=skipped)
             bar.update(1)
     bar.close()
+    check_trainable(skipped, step, "rm", tc.lr, dc.train)
+    run.info(f"done: {step} steps, {skipped} skipped (non-finite loss or gradient)")
     model = accelerator.unwrap_model(scorer).model
     model.eval()
+    check_finite_weights(model, cfg.output_dir, tc.lr)  # never save (or normalise) a broken model
 
     # 5. bias normalization (§3.5) ------------------------------------------
     norm = {"normalized": False}

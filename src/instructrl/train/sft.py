@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,11 @@ from instructrl.config import check, param
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.data import Demonstration, load_demonstrations
 from instructrl.formatting import Example, TruncationStats, build_example, collate_examples
-from instructrl.io import RunDir, atomic_dir, atomic_write_text
+from instructrl.io import DataError, RunDir, atomic_dir, atomic_write_text
 from instructrl.core.losses import sft_loss
+from instructrl.runtime import Runtime
+from instructrl.train.common import (accumulate, check_trainable, cosine_schedule, optimizer_step, save_checkpoint,
+                                     setup_accelerator, split_global_batch, split_validation)
 
 
 @dataclass
@@ -140,41 +144,51 @@ def tokenize_demonstrations(tokenizer, demos: list[Demonstration], cfg: SFTData,
     return [build_example(tokenizer, d.messages, d.response, cfg.max_length, cfg.min_prompt_tokens, stats) for d in demos]
 
 
-def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    idx = list(range(len(items)))
-    random.Random(seed).shuffle(idx)
-    n_val = max(1, round(len(items) * fraction))
-    val = set(idx[:n_val])
-    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
-
-
-def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+def load_split(cfg: SFTConfig) -> tuple[list[Demonstration], list[Demonstration]]:
+    """(train, validation) demonstrations; a split that leaves either side empty is a DataError naming the file."""
+    demos = load_demonstrations(cfg.data.train)
+    if not demos:
+        raise DataError(cfg.data.train, None, None, "no demonstrations (empty file)")
+    if cfg.data.val:
+        train, val = demos, load_demonstrations(cfg.data.val)
+        if not val:
+            raise DataError(cfg.data.val, None, None, "no validation demonstrations (empty file)")
+        return train, val
+    train, val = split_validation(demos, cfg.data.val_fraction, cfg.train.seed)
+    if not train:
+        raise DataError(cfg.data.train, None, None,
+                        f"{len(demos)} demonstration(s) leave none to train on after holding out {len(val)} for "
+                        f"validation (data.val_fraction={cfg.data.val_fraction}); add data or set data.val=PATH")
+    return train, val
 
 
 @torch.no_grad()
 def validation_loss(model, examples: list[Example], pad_id: int, micro: int, accelerator, autocast) -> float:
     """Token-weighted mean NLL of the response tokens over all of ``examples`` (all processes)."""
     model.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    nll, tokens = torch.zeros(()), torch.zeros(())
-    mine = examples[rank::world]
+    dev = accelerator.device
+    nll, tokens = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    mine = split_global_batch(examples, accelerator)
     for i in range(0, len(mine), micro):
         b = collate_examples(mine[i:i + micro], pad_id)
         with autocast():
-            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        _, st = sft_loss(logits, b.input_ids, b.loss_mask)
+            logits = model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev)).logits
+        _, st = sft_loss(logits, b.input_ids.to(dev), b.loss_mask.to(dev))
         nll += st["nll_sum"].float()
         tokens += st["tokens"].float()
     nll, tokens = accelerator.reduce(nll, "sum"), accelerator.reduce(tokens, "sum")
     model.train()
     return (nll / tokens.clamp(min=1)).item()
+
+
+def micro_batches(accelerator, global_batch: list[Example], micro: int, pad_id: int, train_prompt: bool) -> list:
+    """This process's share of ``global_batch`` as collated micro-batches (never empty)."""
+    mine = split_global_batch(global_batch, accelerator)
+    batches = [collate_examples(mine[i:i + micro], pad_id, train_prompt) for i in range(0, len(mine), micro)]
+    if not batches:  # a short last batch left this process nothing: join the gradient sync with weight 0
+        batches = [collate_examples(global_batch[:1], pad_id, train_prompt)]
+        batches[0].loss_mask.zero_()
+    return batches
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +198,6 @@ def validation_loss(model, examples: list[Example], pad_id: int, micro: int, acc
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the folder of the selected model (``output_dir/model``)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -193,27 +206,17 @@ def train_sft(cfg: SFTConfig) -> Path:
     # 1. set-up ------------------------------------------------------------
     rt = make_runtime(cfg.device, cfg.train.precision)
     cfg.train.precision = rt.precision  # saved resolved, so the run folder says what ran
-    accelerator = Accelerator(cpu=rt.device.type == "cpu")
-    set_seed(cfg.train.seed)
+    tc = cfg.train
+    accelerator = setup_accelerator(rt, tc.batch_size)
+    set_seed(tc.seed)
     run = RunDir(cfg.output_dir, is_main=accelerator.is_main_process)
     run.save_config(cfg)
-    tc = cfg.train
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if tc.batch_size % world:
-        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {world} processes")
-    per_proc = tc.batch_size // world
-    dev = accelerator.device
-
-    autocast = rt.autocast
+    dev = rt.device
 
     # 2. data --------------------------------------------------------------
     tok = load_tokenizer(cfg.model)
     stats = TruncationStats()
-    demos = load_demonstrations(cfg.data.train)
-    if cfg.data.val:
-        train_demos, val_demos = demos, load_demonstrations(cfg.data.val)
-    else:
-        train_demos, val_demos = split_validation(demos, cfg.data.val_fraction, tc.seed)
+    train_demos, val_demos = load_split(cfg)
     train_ex = tokenize_demonstrations(tok, train_demos, cfg.data, stats)
     val_ex = tokenize_demonstrations(tok, val_demos, cfg.data, stats)
     run.info(f"data: {len(train_ex)} train / {len(val_ex)} validation demonstrations; truncation: {stats.summary()}")
@@ -231,79 +234,68 @@ def train_sft(cfg: SFTConfig) -> Path:
     total_steps = steps_per_epoch * tc.epochs
     sched = cosine_schedule(opt, max(1, round(tc.warmup_ratio * total_steps)), total_steps, tc.min_lr_ratio)
     model, opt = accelerator.prepare(model, opt)
+    params = [p for p in model.parameters() if p.requires_grad]
     order_rng = random.Random(tc.seed)  # the same order on every process
 
     # 4. epochs ------------------------------------------------------------
     history = []
-    step = 0
+    step, skipped = 0, 0
     bar = tqdm(total=total_steps, desc="sft", disable=not accelerator.is_local_main_process)
     for epoch in range(1, tc.epochs + 1):
         order = list(range(len(train_ex)))
         order_rng.shuffle(order)
+        skipped_before = skipped
         for start in range(0, len(order), tc.batch_size):
             t0 = time.perf_counter()
             global_batch = [train_ex[i] for i in order[start:start + tc.batch_size]]
-            mine = global_batch[rank::world]
-            micro = [mine[i:i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)]
-            batches = [collate_examples(m, tok.pad_token_id, tc.train_prompt) for m in micro]
-            if not batches:  # a short last batch left this process nothing: join the gradient sync with weight 0
-                batches = [collate_examples(global_batch[:1], tok.pad_token_id, tc.train_prompt)]
-                batches[0].loss_mask.zero_()
+            batches = micro_batches(accelerator, global_batch, tc.micro_batch_size, tok.pad_token_id, tc.train_prompt)
             # Normaliser = trained tokens in the whole step, all processes: exact full-batch gradient.
             local_tokens = sum(b.loss_mask.sum() for b in batches)
             step_tokens = accelerator.reduce(local_tokens.to(dev), "sum").item()
-            nll_sum = 0.0
-            for j, b in enumerate(batches):
-                sync = accelerator.no_sync(model) if j < len(batches) - 1 else _null()
-                with sync:
-                    with autocast():
-                        logits = model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev)).logits
-                    loss, st = sft_loss(logits, b.input_ids.to(dev), b.loss_mask.to(dev), num_tokens=step_tokens)
-                    # DDP averages gradients over processes; scale back up to a sum.
-                    accelerator.backward(loss * world)
-                nll_sum += st["nll_sum"].item()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+
+            def loss_fn(b):
+                with rt.autocast():
+                    logits = model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev)).logits
+                return sft_loss(logits, b.input_ids.to(dev), b.loss_mask.to(dev), num_tokens=step_tokens)
+
+            nll_sum = sum(st["nll_sum"].item() for st in accumulate(accelerator, model, batches, loss_fn))
+            train_loss = accelerator.reduce(torch.tensor(nll_sum, device=dev), "sum").item() / max(step_tokens, 1)
+            res = optimizer_step(accelerator, params, opt, sched, tc.max_grad_norm, train_loss)
+            skipped += res.skipped
             step += 1
             dt = time.perf_counter() - t0
-            n_tok = accelerator.reduce(torch.tensor(float(sum(int(b.attention_mask.sum()) for b in batches))), "sum").item()
-            train_loss = accelerator.reduce(torch.tensor(nll_sum), "sum").item() / max(step_tokens, 1)
+            n_tok = accelerator.reduce(torch.tensor(float(sum(int(b.attention_mask.sum()) for b in batches)),
+                                                    device=dev), "sum").item()
             row = {"step": step, "epoch": epoch, "loss": train_loss, "lr": sched.get_last_lr()[0],
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": n_tok / dt}
+                   "grad_norm": res.grad_norm, "tokens_per_s": n_tok / dt, "skipped_steps": skipped}
             run.log_metrics(row)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{n_tok / dt:.0f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{n_tok / dt:.0f}", skipped=skipped)
             bar.update(1)
+        check_trainable(skipped - skipped_before, steps_per_epoch, f"sft epoch {epoch}", tc.lr, cfg.data.train)
 
         # 5. validation + checkpoint --------------------------------------
         # The unwrapped module: a DDP forward would wait for processes with no validation share.
-        vloss = validation_loss(accelerator.unwrap_model(model), val_ex, tok.pad_token_id, tc.micro_batch_size, accelerator, autocast)
-        ckpt = run.checkpoints / f"epoch-{epoch}"
-        if accelerator.is_main_process:
-            with atomic_dir(ckpt) as tmp:
-                accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-                tok.save_pretrained(tmp)
-        accelerator.wait_for_everyone()
+        vloss = validation_loss(accelerator.unwrap_model(model), val_ex, tok.pad_token_id, tc.micro_batch_size,
+                                accelerator, rt.autocast)
+        ckpt = save_checkpoint(accelerator, model, tok, run.checkpoints / f"epoch-{epoch}", tc.lr)
         entry = {"epoch": epoch, "step": step, "val_loss": vloss, "checkpoint": str(ckpt)}
         history.append(entry)
         run.log_metrics({"step": step, "epoch": epoch, "val_loss": vloss})
         run.info(f"epoch {epoch}: val_loss={vloss:.4f} -> {ckpt}")
         accelerator.print(f"[sft] epoch {epoch}: val_loss {vloss:.4f}")
     bar.close()
+    run.info(f"done: {step} steps, {skipped} skipped (non-finite loss or gradient)")
 
     # 6. selection ----------------------------------------------------------
     final = Path(cfg.output_dir) / "model"
     if accelerator.is_main_process:
         if cfg.select.metric == "rm_score":
             for entry in history:
-                entry["rm_score"] = rm_score_checkpoint(entry["checkpoint"], val_demos, cfg.select, tc.seed)
+                entry["rm_score"] = rm_score_checkpoint(entry["checkpoint"], val_demos, cfg.select, tc.seed, rt)
                 run.info(f"epoch {entry['epoch']}: mean RM score {entry['rm_score']:.4f}")
             best = max(history, key=lambda e: e["rm_score"])
         else:
             best = min(history, key=lambda e: e["val_loss"])
-        import shutil
-
         with atomic_dir(final) as tmp:
             shutil.copytree(best["checkpoint"], tmp, dirs_exist_ok=True)
         atomic_write_text(Path(cfg.output_dir) / "selection.json",
@@ -314,35 +306,30 @@ def train_sft(cfg: SFTConfig) -> Path:
     return final
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def rm_score_checkpoint(checkpoint: str, val_demos: list[Demonstration], sel: SFTSelect, seed: int) -> float:
+def rm_score_checkpoint(checkpoint: str, val_demos: list[Demonstration], sel: SFTSelect, seed: int,
+                        rt: Runtime) -> float:
     """Mean reward-model score of responses sampled from ``checkpoint`` on validation prompts.
 
     This is how InstructGPT selects its SFT model (§3.5): validation loss keeps
     rising after epoch 1 while RM score and human preference keep improving.
     """
-    from instructrl.formatting import build_example, pad
+    from instructrl.formatting import pad
     from instructrl.generation import generate_texts
     from instructrl.models import load_causal_lm, load_tokenizer
     from instructrl.reward_model import load_reward_model, score
 
     tok = load_tokenizer(checkpoint)
-    policy = load_causal_lm(checkpoint)
-    rm = load_reward_model(sel.reward_model).eval()
+    policy = load_causal_lm(checkpoint).to(rt.device)
+    rm = load_reward_model(sel.reward_model).to(rt.device).eval()
     prompts = [d.messages for d in val_demos[: sel.num_prompts]]
-    responses = [r[0] for r in generate_texts(policy, tok, prompts, sel.max_new_tokens, seed=seed, desc="rm-score samples")]
-    # The RM reads the same token layout the policy emits (formatting's one rule).
+    responses = [r[0] for r in generate_texts(policy, tok, prompts, sel.max_new_tokens, seed=seed,
+                                              precision=rt.precision, desc="rm-score samples")]
+    # The RM reads the same token layout the policy emits: formatting's one rule (response + EOS).
     seqs = [build_example(tok, m, r or " ", 10**6).input_ids for m, r in zip(prompts, responses)]
     scores = []
     with torch.no_grad():
         for i in range(0, len(seqs), 8):
             ids, mask = pad(seqs[i:i + 8], tok.pad_token_id, "right")
-            scores.append(score(rm, ids, mask).float())
+            with rt.autocast():
+                scores.append(score(rm, ids.to(rt.device), mask.to(rt.device)).float().cpu())
     return torch.cat(scores).mean().item()

@@ -1,0 +1,153 @@
+"""The skeleton the supervised loops share (SFT, reward model, DPO).
+
+Each loop reads top to bottom and calls these phases:
+
+    accelerator = setup_accelerator(rt)                  # 1..N processes on rt.device
+    mine = split_global_batch(global_batch, accelerator) # this process's share
+    stats = accumulate(accelerator, model, micro_batches, loss_fn)   # no_sync on all but the last
+    res = optimizer_step(accelerator, params, opt, sched, max_grad_norm, step_loss)  # skips non-finite steps
+    save_checkpoint(accelerator, model, tok, path)       # atomic, refuses non-finite weights
+
+The loss of every micro-batch is normalised by a count over the whole optimizer step and all
+processes (tokens, rankings), so any split into micro-batches and processes gives the full-batch
+gradient; ``accumulate`` multiplies by the process count because DDP averages gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+from instructrl.config import ConfigError
+from instructrl.io import atomic_dir
+from instructrl.runtime import Runtime
+
+T = TypeVar("T")
+
+
+def setup_accelerator(rt: Runtime, batch_size: int | None = None):
+    """An ``accelerate.Accelerator`` on ``rt.device``; checks ``batch_size`` splits over the processes."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=rt.device.type == "cpu")
+    def same(a: torch.device, b: torch.device) -> bool:  # cpu == cpu:0; cuda:N must match exactly
+        return a.type == b.type and (a.type == "cpu" or (a.index or 0) == (b.index or 0))
+
+    if not same(accelerator.device, rt.device):
+        raise ConfigError(f"device={rt.device}: this process was given {accelerator.device} by the launcher; "
+                          f"use device=auto under torchrun/accelerate")
+    if batch_size is not None and batch_size % accelerator.num_processes:
+        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the "
+                          f"{accelerator.num_processes} processes")
+    return accelerator
+
+
+def split_global_batch(global_batch: Sequence[T], accelerator) -> list[T]:
+    """This process's share of a global batch: every ``world``-th item from its rank (same order on all)."""
+    return list(global_batch[accelerator.process_index::accelerator.num_processes])
+
+
+def split_validation(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Seeded random split: (train, held out) with round(fraction * n) >= 1 held out, order kept."""
+    idx = list(range(len(items)))
+    random.Random(seed).shuffle(idx)
+    held = set(idx[: max(1, round(len(items) * fraction))])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
+    """Linear warmup over ``warmup`` steps (from 1/warmup), then cosine decay to ``min_ratio`` at ``total``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def accumulate(accelerator, model, micro_batches: list, loss_fn: Callable) -> list[dict]:
+    """Forward + backward over ``micro_batches``; gradients sync across processes on the last one only.
+
+    ``loss_fn(batch) -> (loss, stats)``; the loss must already be normalised by the whole step's count.
+    Returns the stats of every micro-batch, in order.
+    """
+    out = []
+    world = accelerator.num_processes
+    for j, b in enumerate(micro_batches):
+        sync = accelerator.no_sync(model) if j < len(micro_batches) - 1 else contextlib.nullcontext()
+        with sync:
+            loss, st = loss_fn(b)
+            accelerator.backward(loss * world)  # DDP averages gradients over processes; scale back up to a sum
+        out.append(st)
+    return out
+
+
+@dataclass
+class StepResult:
+    grad_norm: float | None  # None when clipping is off (max_grad_norm = 0)
+    skipped: bool            # True: non-finite loss or gradient, no update made
+
+
+def optimizer_step(accelerator, params: list, opt, sched, max_grad_norm: float, loss: float) -> StepResult:
+    """Clip, step, schedule, zero the gradients; a step with a non-finite loss or grad norm makes no update.
+
+    ``loss`` is the step's loss over all processes, so every process takes the same decision. The
+    schedule advances either way (it counts optimizer steps planned, not taken).
+    """
+    # max_norm=inf measures the norm without changing any gradient (clip coefficient clamped to 1).
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    skipped = not (math.isfinite(loss) and bool(torch.isfinite(torch.as_tensor(norm))))
+    if not skipped:
+        opt.step()
+        sched.step()
+    else:
+        with warnings.catch_warnings():  # "scheduler stepped before optimizer": intended for a skipped step
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()
+    opt.zero_grad(set_to_none=True)
+    return StepResult(float(norm) if max_grad_norm > 0 else None, skipped)
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def check_trainable(skipped: int, steps: int, where: str, lr: float, data: str) -> None:
+    """Every step of ``where`` was non-finite: stop rather than go on with a model that cannot learn."""
+    if steps and skipped == steps:
+        raise ConfigError(f"{where}: all {steps} optimizer steps had a non-finite loss or gradient and were skipped; "
+                          f"lower train.lr (now {lr}) or check the data ({data})")
+
+
+def check_finite_weights(model: torch.nn.Module, where: str, lr: float) -> None:
+    """Never write a model with non-finite weights (e.g. after an update with an infinite learning rate)."""
+    if not all_finite(model):
+        raise ConfigError(f"{where}: the model has non-finite weights after training with train.lr={lr}; "
+                          f"nothing saved. Lower train.lr")
+
+
+def save_checkpoint(accelerator, model: torch.nn.Module, tokenizer, path: str | Path, lr: float,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` (unwrapped) + tokenizer to ``path`` atomically, main process only; all processes wait.
+
+    ``extra(tmp)`` may add files (optimizer state, ...) to the folder before it is swapped into place.
+    """
+    path = Path(path)
+    model = accelerator.unwrap_model(model)
+    check_finite_weights(model, str(path), lr)
+    if accelerator.is_main_process:
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if extra is not None:
+                extra(tmp)
+    accelerator.wait_for_everyone()
+    return path
