@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("label", "serve"): ("instructrl.labeling.app", "LabelConfig", "serve", "run the labeling web app (demonstrations, rankings, ratings, HH chats)"),
     ("label", "export"): ("instructrl.labeling.app", "LabelExportConfig", "export_command", "export a labeling project to JSONL (demonstrations, rankings, pairwise, ratings, agreement)"),
     ("ppo",): ("instructrl.train.ppo", "PPOConfig", "train_ppo", "PPO / PPO-ptx against a reward model (InstructGPT §3.5 eq. 2)"),
+    ("dpo",): ("instructrl.train.dpo", "DPOConfig", "train_dpo", "direct preference optimisation on rankings: dpo, ipo or listwise Plackett-Luce (Rafailov et al. 2023)"),
     ("eval",): ("instructrl.evaluation.evaluate", "EvalConfig", "run_eval", "compare policies on held-out prompts: win rates (labelers, RM), gold, KL, Elo, report.html"),
     ("eval", "ifeval"): ("instructrl.evaluation.evaluate", "IFEvalConfig", "run_ifeval", "answer IFEval prompts; prompt/instruction-level strict and loose accuracy"),
     ("pipeline",): ("instructrl.pipeline", "PipelineConfig", "pipeline_command",

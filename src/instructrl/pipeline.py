@@ -42,12 +42,14 @@ from instructrl.config import ConfigError, check, get_key, load_config, param, r
 from instructrl.evaluation.evaluate import EvalConfig
 from instructrl.io import RunDir, atomic_write_text, read_jsonl, write_jsonl
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
+from instructrl.train.dpo import DPOConfig
 from instructrl.train.ppo import PPOConfig
 from instructrl.train.rm import RMConfig
 from instructrl.train.sft import SFTConfig
 
 STAGES = ("prompts", "demos", "sft", "rank", "rm", "ppo", "eval")
-VARIANTS = ("ppo", "ppo_ptx")
+VARIANTS = ("dpo", "ppo", "ppo_ptx")
+PPO_VARIANTS = ("ppo", "ppo_ptx")
 
 # Presets: dotted overrides of the pipeline's own keys, applied under the file's and the user's.
 # "default" is the dataclass defaults.
@@ -130,6 +132,12 @@ def _ppo_defaults() -> PPOConfig:
         "kl.coef": 0.02, "train.ptx_coef": 1.0, "train.trainable_layers": 8})
 
 
+def _dpo_defaults() -> DPOConfig:
+    # 96 rankings a round make 12 steps of 8; not tuned (docs/dpo.md)
+    return replace_keys(DPOConfig(), {"train.loss": "listwise", "train.lr": 1e-5, "train.batch_size": 8,
+                                      "train.micro_batch_size": 16, "train.epochs": 2})
+
+
 def _eval_defaults() -> EvalConfig:
     return replace_keys(EvalConfig(), {"best_of_n": 2, "max_new_tokens": 64, "bootstrap": 500})
 
@@ -150,8 +158,10 @@ class PipelineConfig:
     keep_checkpoints: bool = param(False, "keep the SFT and PPO stages' training checkpoints once the stage has "
                                           "saved its model; they are only needed to resume an interrupted stage")
     precision: Precision = precision_field()
-    variants: list[str] = param(factory=lambda: list(VARIANTS),
-                                help="which policies stage 6 trains: ppo (γ = 0) and/or ppo_ptx (γ = ppo.train.ptx_coef)")
+    variants: list[str] = param(factory=lambda: list(PPO_VARIANTS),
+                                help="which policies stage 6 trains: ppo (γ = 0), ppo_ptx (γ = ppo.train.ptx_coef), "
+                                     "dpo (offline, from SFT on every ranking so far); the last one is sampled for "
+                                     "the next round's rankings")
     data: PipelineData = param(PipelineData(), "prompts, users, rankings")
     sft: SFTConfig = param(factory=_sft_defaults, help="stage 3, `instructrl sft`; the pipeline sets its paths, seed, "
                                                       "device and precision")
@@ -160,6 +170,9 @@ class PipelineConfig:
     ppo: PPOConfig = param(factory=_ppo_defaults, help="stage 6, `instructrl ppo`, one run per variant and round; the "
                                                       "pipeline sets its models, data, paths, seed, device, precision "
                                                       "and rollout.max_new_tokens (= data.max_new_tokens)")
+    dpo: DPOConfig = param(factory=_dpo_defaults, help="stage 6 for variant dpo, `instructrl dpo`, from SFT (or its "
+                                                      "previous round) on every ranking so far; the pipeline sets its "
+                                                      "models, data, paths, seed, device and precision")
     eval: EvalConfig = param(factory=_eval_defaults, help="stage 7, `instructrl eval`; the pipeline sets its "
                                                          "policies, tasks, models, paths, seeds, device and precision")
 
@@ -168,8 +181,8 @@ class PipelineConfig:
         base = self.model
         stages = {"sft": (sft_stage_config(self, base), _sft_defaults()),
                   "rm": (rm_stage_config(self, *_round1_rm_paths(self)), _rm_defaults()),
-                  "ppo": (ppo_stage_config(self, self.variants[-1] if self.variants else "ppo", 1, base),
-                          _ppo_defaults()),
+                  "ppo": (ppo_stage_config(self, "ppo_ptx", 1, base), _ppo_defaults()),
+                  "dpo": (dpo_stage_config(self, 1, base), _dpo_defaults()),
                   "eval": (eval_stage_config(self, base, {v: base for v in self.variants}), _eval_defaults())}
         for name, (derived, defaults) in stages.items():
             for key in DERIVED[name]:
@@ -203,6 +216,7 @@ DERIVED = {
     "rm": ("model", "output_dir", "device", "data.train", "data.demonstrations", "train.precision", "train.seed"),
     "ppo": ("policy", "reference", "reward_model", "prompts", "ptx_data", "out", "seed", "device",
             "rollout.max_new_tokens", "train.precision"),
+    "dpo": ("model", "reference", "output_dir", "device", "data.train", "train.precision", "train.seed"),
     "eval": ("policies", "baseline", "reference", "tasks", "reward_model", "output_dir", "device", "precision",
              "labeler_seed", "ppo_runs", "pretrain_eval"),
 }
@@ -252,6 +266,15 @@ def ppo_stage_config(cfg: PipelineConfig, variant: str, r: int, policy: str | Pa
         "rollout.max_new_tokens": cfg.data.max_new_tokens, "train.precision": cfg.precision})
 
 
+def dpo_stage_config(cfg: PipelineConfig, r: int, policy: str | Path, resume: bool = False) -> DPOConfig:
+    """Stage 6, variant dpo, of round ``r``: from ``policy`` (SFT in round 1) on every ranking so far; reference = SFT."""
+    out, data_dir = _paths(cfg)
+    return replace_keys(cfg.dpo, {
+        "model": str(policy), "reference": str(out / "sft" / "model"), "output_dir": str(out / f"round-{r}" / "dpo"),
+        "device": cfg.device, "resume": resume, "data.train": str(data_dir / "rankings_all.jsonl"),
+        "train.precision": cfg.precision, "train.seed": cfg.data.seed + r})
+
+
 def eval_stage_config(cfg: PipelineConfig, base: str, trained: dict[str, Any]) -> EvalConfig:
     """Stage 7: base, SFT and every trained variant (``trained``: variant -> policy folder) on held-out users."""
     out, data_dir = _paths(cfg)
@@ -262,7 +285,7 @@ def eval_stage_config(cfg: PipelineConfig, base: str, trained: dict[str, Any]) -
         "reference": sft_dir, "tasks": str(data_dir / "eval_tasks.jsonl"),
         "reward_model": str(last / "rm" / "model"), "output_dir": str(out / "eval"), "device": cfg.device,
         "precision": cfg.precision, "labeler_seed": cfg.data.seed,
-        "ppo_runs": {v: str(last / v) for v in trained}, "pretrain_eval": str(data_dir / "pretrain_heldout.jsonl")})
+        "ppo_runs": {v: str(last / v) for v in trained if v in PPO_VARIANTS}, "pretrain_eval": str(data_dir / "pretrain_heldout.jsonl")})
 
 
 # ---------------------------------------------------------------------------
@@ -451,6 +474,7 @@ def run_round(p: PipelineRun, r: int, tasks_r: list, policies: dict[str, Path]) 
     continue each PPO variant against it. ``policies`` (variant -> folder) is updated in place."""
     from instructrl.data import ranking_row
     from instructrl.models import load_causal_lm, load_tokenizer
+    from instructrl.train.dpo import train_dpo
     from instructrl.train.ppo import train_ppo
     from instructrl.train.rm import train_rm
 
@@ -483,8 +507,12 @@ def run_round(p: PipelineRun, r: int, tasks_r: list, policies: dict[str, Path]) 
         key = f"{v}-{r}"
         if p.want(key, "ppo", r):
             with p.timed(key):
-                final = train_ppo(ppo_stage_config(cfg, v, r, policies[v], resume=(rdir / v / "checkpoints").exists()))
-                p.state.mark(key, model=str(_policy_dir(final)))
+                resume = (rdir / v / "checkpoints").exists()
+                if v == "dpo":
+                    final = train_dpo(dpo_stage_config(cfg, r, policies[v], resume=resume and _has_step(rdir / v)))
+                else:
+                    final = _policy_dir(train_ppo(ppo_stage_config(cfg, v, r, policies[v], resume=resume)))
+                p.state.mark(key, model=str(final))
                 p.drop_checkpoints(rdir / v)
         policies[v] = Path(p.state.done[key]["model"]) if key in p.state.done else _policy_dir(rdir / v)
 
@@ -515,10 +543,17 @@ def sample_and_rank(lm, tok, tasks: list, ks: list[int], pool, rng: random.Rando
     return ranked, sets, rankings
 
 
+def _has_step(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints").glob("step-*/state.pt"))
+
+
 def _policy_dir(ppo_out: Path) -> Path:
-    """The trained policy folder inside a PPO run folder."""
+    """The trained policy folder inside a PPO or DPO run folder."""
     ppo_out = Path(ppo_out)
-    return ppo_out / "policy" if (ppo_out / "policy").exists() else ppo_out
+    for sub in ("policy", "model"):  # PPO writes policy/, DPO model/
+        if (ppo_out / sub).exists():
+            return ppo_out / sub
+    return ppo_out
 
 
 def _round_summary(out: Path, r: int, cfg: PipelineConfig) -> dict:
