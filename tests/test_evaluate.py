@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from instructrl.config import ConfigError, load_config
-from instructrl.evaluation.evaluate import (
-    EvalConfig, IFEvalConfig, ReportSection, best_of_n_kl, best_of_n_pick, gold_gain, labeler_outcome, loglik_bootstrap, mean_ci,
-    outcomes_win_rate, reward_vs_sqrt_kl, rm_gold_agreement, run_eval, run_ifeval, score_outcomes, sequence_kl, text_logliks,
-    write_report,
+from instructrl.evaluation.evaluate import EvalConfig, run_eval
+from instructrl.evaluation.ifeval import IFEvalConfig, run_ifeval
+from instructrl.evaluation.metrics import (
+    best_of_n_kl, best_of_n_pick, gold_gain, labeler_outcome, loglik_bootstrap, mean_ci, outcomes_win_rate,
+    reward_vs_sqrt_kl, rm_gold_agreement, score_outcomes, sequence_kl,
 )
+from instructrl.evaluation.report import ReportSection, write_report
+from instructrl.evaluation.sampling import text_logliks
 
 IFEVAL_SAMPLE = Path(__file__).parent / "data" / "ifeval_sample.jsonl"
 
@@ -126,7 +129,7 @@ def test_text_logliks_match_a_plain_loop(tiny_model_dir, tiny_tokenizer):
 
 def test_rm_scores_append_eos_to_cut_off_answers_only(tiny_model_dir, tiny_tokenizer):
     """rm_eos (the default, as PPO's rollout.rm_eos): a cut-off answer is scored with EOS appended."""
-    from instructrl.evaluation.evaluate import rm_scores
+    from instructrl.evaluation.sampling import rm_scores
     from instructrl.reward_model import init_reward_model
 
     rm = init_reward_model(str(tiny_model_dir)).eval()
@@ -331,7 +334,7 @@ def test_ifeval_plumbing_with_tiny_model(tiny_model_dir, tmp_path):
 
 
 def test_ifeval_gives_credit_to_passing_answers(tiny_model_dir, tmp_path, monkeypatch):
-    import instructrl.evaluation.evaluate as ev
+    import instructrl.evaluation.ifeval as ev
 
     good = {
         1003: "My answer is yes.",
