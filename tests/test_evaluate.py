@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from instructrl.config import ConfigError, load_config
-from instructrl.evaluation.evaluate import (
-    EvalConfig, IFEvalConfig, ReportSection, best_of_n_kl, best_of_n_pick, gold_gain, labeler_outcome, loglik_bootstrap, mean_ci,
-    outcomes_win_rate, reward_vs_sqrt_kl, rm_gold_agreement, run_eval, run_ifeval, score_outcomes, sequence_kl, text_logliks,
-    write_report,
+from instructrl.evaluation.evaluate import EvalConfig, run_eval
+from instructrl.evaluation.ifeval import IFEvalConfig, run_ifeval
+from instructrl.evaluation.metrics import (
+    best_of_n_kl, best_of_n_pick, gold_gain, labeler_outcome, loglik_bootstrap, mean_ci, outcomes_win_rate,
+    reward_vs_sqrt_kl, rm_gold_agreement, score_outcomes, sequence_kl,
 )
+from instructrl.evaluation.report import ReportSection, write_report
+from instructrl.evaluation.sampling import text_logliks
 
 IFEVAL_SAMPLE = Path(__file__).parent / "data" / "ifeval_sample.jsonl"
 
@@ -126,7 +129,7 @@ def test_text_logliks_match_a_plain_loop(tiny_model_dir, tiny_tokenizer):
 
 def test_rm_scores_append_eos_to_cut_off_answers_only(tiny_model_dir, tiny_tokenizer):
     """rm_eos (the default, as PPO's rollout.rm_eos): a cut-off answer is scored with EOS appended."""
-    from instructrl.evaluation.evaluate import rm_scores
+    from instructrl.evaluation.sampling import rm_scores
     from instructrl.reward_model import init_reward_model
 
     rm = init_reward_model(str(tiny_model_dir)).eval()
@@ -331,7 +334,7 @@ def test_ifeval_plumbing_with_tiny_model(tiny_model_dir, tmp_path):
 
 
 def test_ifeval_gives_credit_to_passing_answers(tiny_model_dir, tmp_path, monkeypatch):
-    import instructrl.evaluation.evaluate as ev
+    import instructrl.evaluation.ifeval as ev
 
     good = {
         1003: "My answer is yes.",
@@ -354,3 +357,111 @@ def test_ifeval_gives_credit_to_passing_answers(tiny_model_dir, tmp_path, monkey
     assert by_key[1004]["strict"] == [True, True]
     assert out["prompt_level_strict_accuracy"] == pytest.approx(2 / 8)
     assert out["instruction_level_strict_accuracy"] == pytest.approx(3 / out["n_instructions"])
+
+
+# ---------------------------------------------------------------------------
+# The phases of run_eval, one at a time
+# ---------------------------------------------------------------------------
+
+
+def test_load_prompts_is_a_seeded_subset_in_file_order(eval_inputs, tmp_path):
+    from instructrl.evaluation.evaluate import load_prompts
+    from instructrl.tasks import load_tasks
+
+    every = [t.id for t in load_tasks(eval_inputs["tasks"])]
+    p = load_prompts(_cfg(eval_inputs, tmp_path, ["n_prompts=4"]))
+    ids = [t.id for t in p.tasks]
+    assert len(ids) == 4 and ids == [i for i in every if i in ids]  # file order kept
+    assert ids == [t.id for t in load_prompts(_cfg(eval_inputs, tmp_path, ["n_prompts=4"])).tasks]
+    assert ids != [t.id for t in load_prompts(_cfg(eval_inputs, tmp_path, ["n_prompts=4", "seed=1"])).tasks]
+    assert p.messages == [[{"role": "user", "content": t.prompt}] for t in p.tasks]
+    assert len(load_prompts(_cfg(eval_inputs, tmp_path, ["n_prompts=0"])).tasks) == len(every)
+
+
+@pytest.fixture(scope="module")
+def phase_state(eval_inputs, tmp_path_factory):
+    """Phases 1-5 run by hand on 4 prompts: the inputs of the later phases."""
+    from instructrl.evaluation.evaluate import (Scores, gold_scores, load_prompts, sample_best_of_n, sample_policies,
+                                                _frozen)
+    from instructrl.evaluation.sampling import CPU_FP32, rm_scores
+    from instructrl.models import load_causal_lm, load_tokenizer
+    from instructrl.reward_model import load_reward_model
+    from instructrl.tasks.labelers import LabelerPool
+
+    cfg = _cfg(eval_inputs, tmp_path_factory.mktemp("phases"), ["n_prompts=4", "pretrain_eval="])
+    rt = CPU_FP32
+    p = load_prompts(cfg)
+    ref, ref_tok = _frozen(load_causal_lm(cfg.reference_path), rt), load_tokenizer(cfg.reference_path)
+    ans = sample_policies(cfg, p.messages, ref, ref_tok, rt)
+    rm, rm_tok = _frozen(load_reward_model(cfg.reward_model), rt), load_tokenizer(cfg.reward_model)
+    sample_best_of_n(cfg, p.messages, ref, ref_tok, rm, rm_tok, rt, ans)
+    rm_sc = {n: rm_scores(rm, rm_tok, p.messages, s.texts, s.ended, cfg.max_prompt_tokens, rt=rt)
+             for n, s in ans.samples.items()}
+    pool = LabelerPool.default(cfg.labelers.n_train, cfg.labelers.n_heldout, cfg.labeler_seed)
+    return {"cfg": cfg, "prompts": p, "ans": ans, "scores": Scores(rm_sc, *gold_scores(p.tasks, ans)), "pool": pool,
+            "ref": ref, "ref_tok": ref_tok, "rm": rm, "rm_tok": rm_tok}
+
+
+def test_sample_policies_and_best_of_n(phase_state):
+    from instructrl.evaluation.sampling import encode_prompts, generate, rm_scores
+
+    s, cfg, ans = phase_state, phase_state["cfg"], phase_state["ans"]
+    assert ans.names == ["sft", "ppo", "best-of-2"] and ans.best_of_n == "best-of-2"
+    assert ans.samples["sft"].kl == [0.0] * 4  # the reference against itself
+    assert all(len(x.texts) == len(x.tokens) == len(x.ended) == 4 for x in ans.samples.values())
+    assert ans.sources["ppo"] == cfg.policies["ppo"] and "RM's favourite" in ans.sources["best-of-2"]
+    assert ans.samples["best-of-2"].kl == [pytest.approx(math.log(2) - 0.5)] * 4
+    # best-of-2 kept, per prompt, the higher-scored of the reference's two samples (same seed, same draws)
+    from instructrl.evaluation.metrics import seed_for
+
+    rep = [m for m in s["prompts"].messages for _ in range(2)]
+    both = generate(s["ref"], s["ref_tok"], encode_prompts(s["ref_tok"], rep, cfg.max_prompt_tokens),
+                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed_for(cfg.seed, "best-of-2"))
+    sc = rm_scores(s["rm"], s["rm_tok"], rep, both.texts, both.ended, cfg.max_prompt_tokens)
+    for p in range(4):
+        j = 2 * p + int(sc[2 * p + 1] > sc[2 * p])
+        assert ans.samples["best-of-2"].texts[p] == both.texts[j]
+
+
+def test_judge_pairs_and_policy_summaries(phase_state):
+    from instructrl.evaluation.evaluate import elo_ratings, judge_pairs, policy_summaries
+
+    s, cfg = phase_state, phase_state["cfg"]
+    tasks = s["prompts"].tasks
+    j = judge_pairs(cfg, tasks, s["pool"], s["ans"])
+    assert len(j.comparisons) == 3 * 4  # 3 pairs of policies x 4 prompts
+    for a in j.pairwise:
+        for b, r in j.pairwise[a].items():
+            assert r + j.pairwise[b][a] == pytest.approx(1.0)
+    per = policy_summaries(cfg, tasks, s["pool"], s["ans"], s["scores"])
+    assert per["sft"]["win_rate_labelers"]["ties"] == 4 and per["sft"]["gold_gain"]["mean"] == 0.0
+    assert per["ppo"]["win_rate_labelers"]["rate"] == pytest.approx(j.pairwise["ppo"]["sft"])
+    assert per["ppo"]["rm_score"]["mean"] == pytest.approx(sum(s["scores"].rm["ppo"]) / 4)
+    assert per["best-of-2"]["note"].startswith("KL is the closed form")
+    elo = elo_ratings(cfg, s["ans"].names, j)
+    assert set(elo) == set(s["ans"].names) and elo["sft"]["rating"] == pytest.approx(1000.0)
+    assert elo_ratings(cfg, ["sft"], j) is None
+
+
+def test_alignment_tax_examples_and_responses(phase_state, eval_inputs, tmp_path):
+    from instructrl.evaluation.evaluate import alignment_tax, example_answers, write_responses
+    from instructrl.evaluation.sampling import CPU_FP32
+
+    s, cfg = phase_state, phase_state["cfg"]
+    assert alignment_tax(cfg, "best-of-2", CPU_FP32) is None  # pretrain_eval= : skipped
+    tax = alignment_tax(_cfg(eval_inputs, tmp_path), "best-of-2", CPU_FP32)
+    assert set(tax["policies"]) == {"sft", "ppo"} and tax["n_texts"] == 3 and "best-of-2" in tax["note"]
+    ex = example_answers(cfg, s["prompts"].tasks, s["ans"], s["scores"])
+    assert len(ex) == cfg.examples and set(ex[0]["answers"]) == set(s["ans"].names)
+    assert ex[1]["answers"]["ppo"]["rm"] == s["scores"].rm["ppo"][1]
+    write_responses(tmp_path / "r.jsonl", s["prompts"].tasks, s["ans"], s["scores"])
+    rows = [json.loads(l) for l in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and rows[0]["policy"] == "sft" and rows[0]["kl"] == 0.0
+    assert rows[4]["response"] == s["ans"].samples["ppo"].texts[0]
+
+
+def test_samples_pick():
+    from instructrl.evaluation.sampling import Samples
+
+    s = Samples(["a", "b", "c"], [1, 2, 3], [True, False, True], [0.1, 0.2, 0.3])
+    assert s.pick([2, 0], [9.0, 9.0]) == Samples(["c", "a"], [3, 1], [True, True], [9.0, 9.0])

@@ -1,10 +1,12 @@
 """Reward-model metrics on scored comparisons: accuracy and log loss by K with cluster-bootstrap CIs, calibration.
 
-No model code: the RM training command and `instructrl rm eval` both report through these."""
+No model code: the RM training command and `instructrl rm eval` both report through these;
+the calibration figure is :func:`instructrl.plots.plot_calibration`."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from instructrl.plots import plot_calibration  # noqa: F401  (train/rm.py imports it from here)
+
 
 def comparison_table(items: list, scores: list[list[float]]) -> list[dict]:
     """One row per untied comparison: ranking index, K, margin d = r_w - r_l."""
@@ -84,42 +86,6 @@ def calibration_bins(margins, n_bins: int = 10) -> dict:
         obs.append(float(y[sel].mean()) if sel.any() else float("nan"))
     ece = float(sum(c * abs(a - o) for a, o, c in zip(pred, obs, count) if c) / max(len(p), 1))
     return {"edges": edges.tolist(), "predicted": pred, "observed": obs, "count": count, "ece": ece}
-
-
-def plot_calibration(cal: dict, path: str | Path, title: str = "reward model calibration") -> None:
-    """Reliability diagram as PNG (atomic write)."""
-    import os
-    import tempfile
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect")
-    pts = [(a, o, c) for a, o, c in zip(cal["predicted"], cal["observed"], cal["count"]) if c]
-    ax.plot([a for a, _, _ in pts], [o for _, o, _ in pts], "o-", label=f"RM (ECE {cal['ece']:.3f})")
-    for a, o, c in pts:
-        ax.annotate(str(c), (a, o), textcoords="offset points", xytext=(3, -10), fontsize=7)
-    ax.set_xlabel("predicted P(win) = σ(r_a − r_b)")
-    ax.set_ylabel("observed win rate")
-    ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
 
 
 def format_metrics(m: dict) -> str:
