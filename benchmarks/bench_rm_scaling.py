@@ -44,7 +44,9 @@ def main() -> None:
     import torch
 
     from instructrl.data import ranking_row
-    from instructrl.evaluation.evaluate import rm_gold_agreement, rm_scores
+    from instructrl.evaluation.metrics import rm_gold_agreement
+    from instructrl.evaluation.sampling import rm_scores
+    from instructrl.runtime import make_runtime
     from instructrl.io import atomic_write_text, read_jsonl, write_jsonl
     from instructrl.models import load_causal_lm, load_tokenizer
     from instructrl.pipeline import load_pipeline_config, rm_stage_config, sample_and_rank
@@ -112,7 +114,7 @@ def main() -> None:
         rm = load_reward_model(folder / "model").eval().requires_grad_(False)
         scores = rm_scores(rm, tok, [[{"role": "user", "content": tasks[a["id"]].prompt}] for a in answers],
                            [a["response"] for a in answers], [a["ended"] for a in answers], 256, 16,
-                           torch.bfloat16 if prec == "bf16" else None)
+                           make_runtime("cpu", prec))
         by = defaultdict(dict)  # policy -> prompt id -> (rm, gold, text)
         for a, s in zip(answers, scores):
             by[a["policy"]][a["id"]] = (s, a["gold_score"], a["response"])

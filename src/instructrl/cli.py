@@ -29,7 +29,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("ppo",): ("instructrl.train.ppo", "PPOConfig", "train_ppo", "PPO / PPO-ptx against a reward model (InstructGPT §3.5 eq. 2)"),
     ("dpo",): ("instructrl.train.dpo", "DPOConfig", "train_dpo", "direct preference optimisation on rankings: dpo, ipo or listwise Plackett-Luce (Rafailov et al. 2023)"),
     ("eval",): ("instructrl.evaluation.evaluate", "EvalConfig", "run_eval", "compare policies on held-out prompts: win rates (labelers, RM), gold, KL, Elo, report.html"),
-    ("eval", "ifeval"): ("instructrl.evaluation.evaluate", "IFEvalConfig", "run_ifeval", "answer IFEval prompts; prompt/instruction-level strict and loose accuracy"),
+    ("eval", "ifeval"): ("instructrl.evaluation.ifeval", "IFEvalConfig", "run_ifeval", "answer IFEval prompts; prompt/instruction-level strict and loose accuracy"),
     ("pipeline",): ("instructrl.pipeline", "PipelineConfig", "pipeline_command",
                     "the whole pipeline on the default model with simulated labelers (see README)"),
     ("model", "convert"): ("instructrl.models", "ConvertConfig", "convert_command",

@@ -5,7 +5,6 @@ the calibration figure is :func:`instructrl.plots.plot_calibration`."""
 
 from __future__ import annotations
 
-from instructrl.plots import plot_calibration  # noqa: F401  (train/rm.py imports it from here)
 
 
 def comparison_table(items: list, scores: list[list[float]]) -> list[dict]:

@@ -43,9 +43,6 @@ from instructrl.evaluation.sampling import Samples, encode_prompts, generate, rm
 from instructrl.runtime import Precision, Runtime, device_field, make_runtime, precision_field
 from instructrl.tasks.labelers import DEFAULT_NOISE
 
-# the cli registry still names this module for `instructrl eval ifeval`; it lives in evaluation/ifeval.py
-from instructrl.evaluation.ifeval import IFEvalConfig, run_ifeval  # noqa: E402,F401
-
 # ---------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------

@@ -42,7 +42,8 @@ import torch
 
 from instructrl.config import check, param
 from instructrl.data import Demonstration, Ranking, load_demonstrations, load_rankings
-from instructrl.rm_metrics import calibration_bins, comparison_metrics, comparison_table, format_metrics, plot_calibration
+from instructrl.plots import plot_calibration
+from instructrl.rm_metrics import calibration_bins, comparison_metrics, comparison_table, format_metrics
 from instructrl.formatting import TruncationStats, build_example, encode_prompt, encode_response, pad, truncate
 from instructrl.io import DataError
 from instructrl.reward_model import RewardScorer, get_bias, init_reward_model, save_reward_model, set_bias
