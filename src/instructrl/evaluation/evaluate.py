@@ -77,7 +77,7 @@ class EvalConfig:
     max_prompt_tokens: int = param(256, "prompts longer than this are cut from the left")
     temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T = 1)")
     greedy: bool = param(False, "greedy decoding instead of sampling (then 'KL' is the log-ratio on the greedy answer)")
-    batch_size: int = param(64, "prompts per generation batch (decoding reads every weight once a token, so bigger batches are nearly free: 318 vs 178 tok/s at 64 vs 16 on 2 cores)")
+    batch_size: int = param(64, "prompts per generation batch (decoding reads every weight once a token, so bigger batches cost little more; docs/evaluation.md)")
     micro_batch_size: int = param(8, "sequences per forward pass when scoring (KL, RM, pretraining text)")
     seed: int = param(0, "seed for the prompt subset, sampling, labeler noise and bootstrap")
     labeler_seed: int = param(0, "seed of LabelerPool.default: the pipeline's data seed, so the held-out labelers "
