@@ -446,6 +446,16 @@ def load_text_corpus(src: Source, field_name: str = "text") -> list[str]:
     return [_text(row, field_name, s, i) for s, i, row in _rows(src)]
 
 
+def require_rows(rows: list, src: Source, what: str, minimum: int = 1) -> list:
+    """``rows`` unchanged, or DataError when there are fewer than ``minimum``: an empty (or
+    too small) input file must stop a command, not let it train nothing and exit 0."""
+    if len(rows) < minimum:
+        name = str(src) if isinstance(src, (str, Path)) else f"dataset {type(src).__name__}"
+        need = "at least one" if minimum == 1 else f"at least {minimum}"
+        raise DataError(name, None, None, f"needs {need} {what}, found {len(rows)}")
+    return rows
+
+
 LOADERS: dict[str, Callable[[Source], list]] = {
     "prompts": load_prompts,
     "demonstrations": load_demonstrations,
