@@ -331,6 +331,10 @@ def prepare_run_folder(path: str | Path, config: dict, resume: bool = False, ove
         if not overwrite:
             raise OutputError(path, "already holds a run (config.yaml/metrics.jsonl/checkpoints); "
                               "use --resume to continue it, --overwrite to start it over, or another output_dir=")
+        log = logging.getLogger(f"instructrl.run.{path}")
+        for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+            log.removeHandler(h)  # it writes to the log.txt about to go; RunDir opens the new one
+            h.close()
         for name in (*RUN_FILES, *RUN_FOLDERS, *outputs):
             p = path / name
             if p.is_dir() and not p.is_symlink():
