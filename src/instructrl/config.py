@@ -181,6 +181,22 @@ def _coerce(tp: Any, value: Any, key: str, where: str, from_cli: dict[str, str] 
     return value
 
 
+def known_key(cls: type, dotted: str) -> bool:
+    """Whether ``dotted`` (``train.lr``) names a key of config class ``cls`` (a key inside a
+    mapping field such as ``policies.sft`` counts); checks names only, builds nothing."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if typing.get_origin(tp) is dict:
+            return True
+        if not dataclasses.is_dataclass(tp):
+            return False
+        hints = typing.get_type_hints(tp)
+        if part not in hints or part not in {f.name for f in dataclasses.fields(tp)}:
+            return False
+        tp = hints[part]
+    return True
+
+
 def _numbers(value: Any) -> list[int | float]:
     """The numbers in a field's value: the value itself, or the items of a list."""
     items = value if isinstance(value, (list, tuple)) else [value]
