@@ -336,3 +336,37 @@ def test_a_group_word_lists_its_subcommands(group, capsys):
     assert "subcommands:" in capsys.readouterr().err
     assert main([group, "nonsense"]) == 2
     assert "unknown subcommand" in capsys.readouterr().err
+
+
+# --- 6. IFEval language check with langdetect --------------------------------------------------
+
+
+def test_response_language_uses_langdetect(monkeypatch):
+    pytest.importorskip("langdetect")  # a default dependency; absent only in a partial install
+    from instructrl.tasks.ifeval import check_instruction, detect_language
+
+    en = "The weather was lovely this morning, so we walked along the river and talked about our plans."
+    de = "Heute Morgen war das Wetter schön, also sind wir am Fluss entlang gegangen und haben geredet."
+    assert detect_language(en) == ("en", "langdetect")
+    assert check_instruction("language:response_language", {"language": "en"}, en)
+    assert not check_instruction("language:response_language", {"language": "de"}, en)
+    assert check_instruction("language:response_language", {"language": "de"}, de)
+    assert [detect_language(en)[0] for _ in range(5)] == ["en"] * 5  # seeded: the same answer every time
+
+
+def test_response_language_falls_back_to_the_heuristic(monkeypatch):
+    import sys
+
+    from instructrl.tasks.ifeval import detect_language
+
+    monkeypatch.setitem(sys.modules, "langdetect", None)  # import fails as if not installed
+    assert detect_language("The dog and the cat are in the house with the children.") == ("en", "heuristic")
+
+
+def test_langdetect_is_not_fooled_by_capitals():
+    pytest.importorskip("langdetect")
+    from instructrl.tasks.ifeval import check_instruction
+
+    fr = "C'EST UNE VILLE MAGNIFIQUE ET LES GENS SONT TRÈS GENTILS."
+    assert not check_instruction("change_case:english_capital", {}, fr)
+    assert check_instruction("change_case:english_capital", {}, "THE CITY IS BEAUTIFUL AND THE PEOPLE ARE KIND.")
