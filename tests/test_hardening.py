@@ -276,7 +276,11 @@ def test_nan_and_lone_surrogates_are_refused_on_their_line(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text('{"a": 1}\n{"a": NaN}\n')
     with pytest.raises(DataError, match=r"r\.jsonl:2: not valid JSON \(NaN"):
-        list(read_jsonl(p))
+        list(read_jsonl(p, allow_nan=False))
+    assert [r["a"] for _, r in read_jsonl(p)][0] == 1  # our own metrics may hold a NaN loss
+    p.write_text('{"id": "a", "prompt": "x", "score": Infinity}\n')
+    with pytest.raises(DataError, match=r"r\.jsonl:1: not valid JSON \(Infinity"):
+        load_prompts(p)
     p.write_text('{"a": "ok \\u00e9"}\n{"a": "bad \\ud800"}\n')
     with pytest.raises(DataError, match=r"r\.jsonl:2: .*surrogate"):
         list(read_jsonl(p))
@@ -291,6 +295,17 @@ def test_unreadable_file_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "open", denied, raising=False)  # chmod 0 means nothing to root
     with pytest.raises(DataError, match="p.jsonl: cannot read: Permission denied"):
         load_prompts(p)
+
+
+def test_read_metrics_survives_a_cut_last_line_but_not_damage(tmp_path):
+    run = RunDir(tmp_path)
+    run.log_metrics({"step": 1})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # killed mid-append
+    assert run.read_metrics() == [{"step": 1}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1\n{"step": 2}\n')
+    with pytest.raises(DataError, match="metrics.jsonl:1: .*damaged"):
+        run.read_metrics()
 
 
 def test_require_rows(tmp_path):

@@ -104,7 +104,7 @@ def iter_rows(src: Source, on_error: Callable[[DataError], None] | None = None) 
     A row that is not a mapping raises, or goes to ``on_error`` and is skipped.
     """
     if isinstance(src, (str, Path)):
-        for i, row in read_jsonl(src, on_error):
+        for i, row in read_jsonl(src, on_error, allow_nan=False):  # a NaN score or label is garbage, not data
             yield str(src), i, row
         return
     name = getattr(src, "info", None)

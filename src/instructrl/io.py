@@ -117,15 +117,17 @@ def _raw_lines(path: Path) -> Iterator[bytes]:
         raise DataError(str(path), None, None, f"cannot read: {e.strerror or e}") from None
 
 
-def read_jsonl(path: str | Path, on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | Path, on_error: Callable[[DataError], None] | None = None,
+               allow_nan: bool = True) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, object) for each non-blank line; 1-based line numbers.
 
     A line that is not a JSON object raises DataError naming file and line, or,
     when ``on_error`` is given, is passed to it and skipped (the loaders'
     ``errors="skip"`` mode: a generator cannot go on after raising).
     Files ending in .gz are decompressed. A UTF-8 byte-order mark (as some
-    Windows editors write) is ignored; invalid UTF-8, NaN/Infinity and lone
-    surrogate escapes are errors on their line.
+    Windows editors write) is ignored; invalid UTF-8 and lone surrogate escapes
+    are errors on their line, and so are NaN/Infinity with ``allow_nan=False``
+    (the data loaders; our own metrics.jsonl may hold a NaN loss).
     """
     path = Path(path)
     for i, raw in enumerate(_raw_lines(path), start=1):
@@ -140,7 +142,7 @@ def read_jsonl(path: str | Path, on_error: Callable[[DataError], None] | None = 
                             "save the file as UTF-8")
         else:
             try:
-                obj = json.loads(line, parse_constant=_refuse_constant)
+                obj = json.loads(line, parse_constant=None if allow_nan else _refuse_constant)
             except json.JSONDecodeError as e:
                 err = DataError(str(path), i, None, f"not valid JSON ({e.msg} at column {e.colno})")
             except ValueError as e:
@@ -404,4 +406,15 @@ class RunDir:
         p = self.path / "metrics.jsonl"
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        lines = p.read_text().splitlines()
+        rows = []
+        for i, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines):  # a kill mid-append leaves a cut last line; the rows before it stand
+                    break
+                raise DataError(str(p), i, None, "not valid JSON: this run's metrics file is damaged") from None
+        return rows
