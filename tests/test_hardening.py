@@ -40,6 +40,9 @@ def test_atomic_dir_refuses_a_users_folder_and_a_file(tmp_path):
             pass
     assert f.read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "mine"]  # no temp folder left
+    with pytest.raises(OutputError, match="did not write"):  # the same check, for a command's start
+        io.check_replaceable(mine)
+    io.check_replaceable(tmp_path / "new")
 
 
 def test_atomic_dir_replaces_its_own_empty_and_legacy_folders(tmp_path):

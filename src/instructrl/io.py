@@ -217,6 +217,18 @@ def is_ours(folder: Path, legacy: tuple[str, ...] = ()) -> bool:
     return bool(legacy) and all((folder / n).exists() for n in legacy)
 
 
+def check_replaceable(final: str | Path, legacy: tuple[str, ...] = ()) -> None:
+    """Raise OutputError unless atomic_dir may write ``final`` (absent, or a folder of ours).
+    Commands call it at their start too, so a bad out= fails before hours of work, not after."""
+    final = Path(final)
+    recover_atomic_dir(final)
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise OutputError(final, "exists and is not a folder; choose an output folder path")
+    if final.exists() and not is_ours(final, legacy):
+        raise OutputError(final, f"is a folder that instructrl did not write (no {OUTPUT_MARKER} file); "
+                          "refusing to replace it: choose a new or empty output folder")
+
+
 @contextmanager
 def atomic_dir(final: str | Path, legacy: tuple[str, ...] = ()) -> Iterator[Path]:
     """Build a folder under a temporary name, then swap it into place.
@@ -229,12 +241,7 @@ def atomic_dir(final: str | Path, legacy: tuple[str, ...] = ()) -> Iterator[Path
     folder of the user's own, or a file, raises OutputError before anything is built.
     """
     final = Path(final)
-    recover_atomic_dir(final)
-    if final.is_symlink() or (final.exists() and not final.is_dir()):
-        raise OutputError(final, "exists and is not a folder; choose an output folder path")
-    if final.exists() and not is_ours(final, legacy):
-        raise OutputError(final, f"is a folder that instructrl did not write (no {OUTPUT_MARKER} file); "
-                          "refusing to replace it: choose a new or empty output folder")
+    check_replaceable(final, legacy)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
