@@ -14,7 +14,7 @@ import sys
 import typing
 from pathlib import Path
 
-from instructrl.config import ConfigError, load_config
+from instructrl.config import ConfigError, range_text, load_config
 from instructrl.io import DataError
 from instructrl.models import ModelLoadError
 
@@ -56,7 +56,7 @@ def _field_help(cls: type, prefix: str = "", instance=None) -> list[str]:
             lines.append(f"  [{prefix}{f.name}] {f.metadata.get('help', '')}".rstrip())
             lines += _field_help(tp, prefix + f.name + ".", default if dataclasses.is_dataclass(default) else None)
             continue
-        lines.append(f"  {prefix}{f.name} = {default!r}  {f.metadata.get('help', '')}".rstrip())
+        lines.append(f"  {prefix}{f.name} = {default!r}  {f.metadata.get('help', '')}{range_text(f.metadata)}".rstrip())
     return lines
 
 
@@ -68,7 +68,17 @@ def _resolve(argv: list[str]) -> tuple[tuple[str, ...] | None, list[str]]:
     return None, argv
 
 
-_OWN_FLAGS = {"--config", "--resume", "--preset", "--help", "-h"}
+def _group_usage(word: str) -> str | None:
+    """``instructrl label``: the subcommands of a command group word, or None if it is none."""
+    subs = [(k, v) for k, v in COMMANDS.items() if len(k) == 2 and k[0] == word]
+    if not subs:
+        return None
+    rows = "\n".join(f"  {' '.join(k):<16} {v[3]}" for k, v in subs)
+    return (f"usage: instructrl {word} <subcommand> [--config FILE.yaml] [key.sub=value ...]\n\n"
+            f"subcommands:\n{rows}\n\nRun `instructrl {word} <subcommand> --help` for its config keys.")
+
+
+_OWN_FLAGS = {"--config", "--resume", "--overwrite", "--preset", "--help", "-h"}
 
 
 def _flags_to_overrides(args: list[str]) -> list[str]:
@@ -121,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     key, rest = _resolve(argv)
+    if key is None and (group := _group_usage(argv[0])) is not None:
+        wants_help = argv[1:2] in (["-h"], ["--help"])
+        print(group, file=sys.stdout if wants_help else sys.stderr)
+        if not wants_help and len(argv) > 1:
+            print(f"instructrl: unknown subcommand {' '.join(argv[:2])!r}", file=sys.stderr)
+        return 0 if wants_help else 2
     if key is None:
         print(f"instructrl: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
         return 2
@@ -134,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="YAML config file; keys as listed below")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run folder that already holds a run (removes only its own files)")
     presets = getattr(cls, "PRESETS", None)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), help="a named set of overrides, applied under yours")
@@ -149,9 +167,18 @@ def main(argv: list[str] | None = None) -> int:
             if not hasattr(cfg, "resume"):
                 raise ConfigError(f"'instructrl {' '.join(key)}' cannot resume")
             cfg.resume = True
+        if args.overwrite:
+            if not hasattr(cfg, "overwrite"):
+                raise ConfigError(f"'instructrl {' '.join(key)}' has no --overwrite")
+            cfg.overwrite = True
         getattr(module, fn_name)(cfg)
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"instructrl: error: {e}", file=sys.stderr)
+        _log_error_in_run_folder(cfg, e)
+        return 2
+    except OSError as e:  # disk full, no permission, ...: the user's environment, not a bug to trace
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"instructrl: error: {where}{e.strerror or e}", file=sys.stderr)
         _log_error_in_run_folder(cfg, e)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -155,6 +156,7 @@ def _build(cls: type, raw: Any, prefix: str, where: str, from_cli: dict[str, str
                                   base=sub if dataclasses.is_dataclass(sub) else None)
         else:
             kwargs[name] = _coerce(hints[name], raw[name], key, where, from_cli)
+            _check_range(f, kwargs[name], key, _origin(key, from_cli, where))
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -229,6 +231,54 @@ def _coerce(tp: Any, value: Any, key: str, where: str, from_cli: dict[str, str] 
     return value
 
 
+def known_key(cls: type, dotted: str) -> bool:
+    """Whether ``dotted`` (``train.lr``) names a key of config class ``cls`` (a key inside a
+    mapping field such as ``policies.sft`` counts); checks names only, builds nothing."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if typing.get_origin(tp) is dict:
+            return True
+        if not dataclasses.is_dataclass(tp):
+            return False
+        hints = typing.get_type_hints(tp)
+        if part not in hints or part not in {f.name for f in dataclasses.fields(tp)}:
+            return False
+        tp = hints[part]
+    return True
+
+
+def _numbers(value: Any) -> list[int | float]:
+    """The numbers in a field's value: the value itself, or the items of a list."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _check_range(f: dataclasses.Field, value: Any, key: str, where: str) -> None:
+    """Every number a user gives is checked against its field's ``param(min=, max=)`` range;
+    inf and nan are refused unless the field says ``finite=False``."""
+    meta = f.metadata
+    lo, hi = meta.get("min"), meta.get("max")
+    for v in _numbers(value):
+        if isinstance(v, float) and not math.isfinite(v) and meta.get("finite", True):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {v!r}{range_text(meta)}")
+        if isinstance(v, float) and math.isnan(v):
+            continue  # allowed nan (finite=False) has no order
+        too_low = lo is not None and (v <= lo if meta.get("min_exclusive") else v < lo)
+        too_high = hi is not None and (v >= hi if meta.get("max_exclusive") else v > hi)
+        if too_low or too_high:
+            raise ConfigError(f"{where}: {key} must be {range_text(meta)[2:]}, got {v!r}")
+
+
+def range_text(meta: Any) -> str:
+    lo, hi = meta.get("min"), meta.get("max")
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if meta.get('min_exclusive') else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if meta.get('max_exclusive') else '<='} {hi}")
+    return f"; {' and '.join(parts)}" if parts else ""
+
+
 def _post(cfg: Any, where: str) -> None:
     """``fill`` parent first (a parent may set its children's values), then ``finalize`` and
     ``validate`` children first."""
@@ -270,19 +320,30 @@ def check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def param(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
-    """A documented config field: ``lr: float = param(1e-5, "peak learning rate")``.
+def param(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING, *,
+          min: float | None = None, max: float | None = None, min_exclusive: bool = False,
+          max_exclusive: bool = False, finite: bool = True) -> Any:
+    """A documented config field: ``lr: float = param(1e-5, "peak learning rate", min=0, min_exclusive=True)``.
 
-    The help text is what ``instructrl <command> --help`` prints for the key.
+    The help text is what ``instructrl <command> --help`` prints for the key. ``min``/``max``
+    bound every number the field is given (a list field: each item), ``*_exclusive`` makes a
+    bound strict; the loader checks them and refuses inf/nan unless ``finite=False``. This
+    holds for every float field, with or without ``param``.
     """
+    meta = {"help": help, "finite": finite}
+    meta.update({k: v for k, v in (("min", min), ("max", max)) if v is not None})
+    if min_exclusive:
+        meta["min_exclusive"] = True
+    if max_exclusive:
+        meta["max_exclusive"] = True
     if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
+        return dataclasses.field(default_factory=factory, metadata=meta)
     if isinstance(default, (list, dict, set)):
         raise TypeError("use factory= for mutable defaults")
     if dataclasses.is_dataclass(default):
         # a fresh copy of the given section each time, keeping any values set in it
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def get_key(cfg: Any, key: str) -> Any:

@@ -104,7 +104,7 @@ def iter_rows(src: Source, on_error: Callable[[DataError], None] | None = None) 
     A row that is not a mapping raises, or goes to ``on_error`` and is skipped.
     """
     if isinstance(src, (str, Path)):
-        for i, row in read_jsonl(src, on_error):
+        for i, row in read_jsonl(src, on_error, allow_nan=False):  # a NaN score or label is garbage, not data
             yield str(src), i, row
         return
     name = getattr(src, "info", None)
@@ -444,6 +444,16 @@ def rating_row(r: Rating) -> dict:
 def load_text_corpus(src: Source, field_name: str = "text") -> list[str]:
     """Plain-text rows ``{"text": ...}`` (pretraining data for PPO-ptx)."""
     return [_text(row, field_name, s, i) for s, i, row in _rows(src)]
+
+
+def require_rows(rows: list, src: Source, what: str, minimum: int = 1) -> list:
+    """``rows`` unchanged, or DataError when there are fewer than ``minimum``: an empty (or
+    too small) input file must stop a command, not let it train nothing and exit 0."""
+    if len(rows) < minimum:
+        name = str(src) if isinstance(src, (str, Path)) else f"dataset {type(src).__name__}"
+        need = "at least one" if minimum == 1 else f"at least {minimum}"
+        raise DataError(name, None, None, f"needs {need} {what}, found {len(rows)}")
+    return rows
 
 
 LOADERS: dict[str, Callable[[Source], list]] = {

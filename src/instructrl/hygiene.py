@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from instructrl.config import check, param
-from instructrl.data import PromptRecord, load_prompts, prompt_row
+from instructrl.data import PromptRecord, load_prompts, prompt_row, require_rows
 
 # ---------------------------------------------------------------------------
 # PII patterns. Each is documented with what it matches and what it misses;
@@ -123,15 +123,16 @@ def redact_pii(text: str, kinds: tuple[str, ...] | list[str] = PII_KINDS) -> tup
 class HygieneConfig:
     dedupe_prefix_chars: int = param(
         100, "prompts whose normalised text shares a common prefix this long are duplicates (InstructGPT §3.2; "
-        "the paper gives no number); 0 = no dedupe")
-    max_per_user: int = param(200, "keep at most this many prompts per user id (InstructGPT §3.2: 200); 0 = no cap")
+        "the paper gives no number); 0 = no dedupe", min=0)
+    max_per_user: int = param(200, "keep at most this many prompts per user id (InstructGPT §3.2: 200); 0 = no cap",
+                              min=0)
     pii: Literal["redact", "remove", "off"] = param(
         "redact", "PII handling: redact = replace matches by [EMAIL]/[PHONE]/[CARD]/[ADDRESS]; remove = drop the prompt")
     pii_kinds: list[str] = param(factory=lambda: list(PII_KINDS), help="which PII patterns to apply")
     split_names: list[str] = param(factory=lambda: ["train", "val", "test"], help="split names")
     split_fractions: list[float] = param(factory=lambda: [0.8, 0.1, 0.1],
-                                         help="target share of prompts per split (by user id; sums to 1)")
-    seed: int = param(0, "seed of the user -> split assignment")
+                                         help="target share of prompts per split (by user id; sums to 1)", min=0, max=1)
+    seed: int = param(0, "seed of the user -> split assignment", min=0)
 
     def validate(self) -> None:
         check(self.dedupe_prefix_chars >= 0, "hygiene.dedupe_prefix_chars must be >= 0")
@@ -290,14 +291,25 @@ class PrepareConfig:
 
 
 def prepare_command(cfg: PrepareConfig) -> HygieneReport:
-    from instructrl.io import atomic_dir, write_jsonl
+    """Write <split>.jsonl and report.json into ``out``, one atomic file at a time: ``out``
+    may be the folder the input lives in, so nothing else in it is touched (never atomic_dir,
+    which replaces the whole folder)."""
+    from instructrl.io import OutputError, atomic_write_text, write_jsonl
 
-    prompts = load_prompts(cfg.input)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder; out= names the output folder")
+    prompts = require_rows(load_prompts(cfg.input), cfg.input, "prompt")
     splits, rep = clean_prompts(prompts, cfg.hygiene)
-    with atomic_dir(cfg.out) as tmp:
-        for name, rows in splits.items():
-            write_jsonl(Path(tmp) / f"{name}.jsonl", (prompt_row(p) for p in rows))
-        (Path(tmp) / "report.json").write_text(json.dumps(rep.__dict__, indent=2) + "\n")
+    targets = [out / f"{name}.jsonl" for name in splits] + [out / "report.json"]
+    src = Path(cfg.input).resolve()
+    if src in {t.resolve() for t in targets}:
+        raise OutputError(cfg.input, f"the input would be overwritten by an output of the same name in {out}; "
+                          "choose another out= folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        write_jsonl(out / f"{name}.jsonl", (prompt_row(p) for p in rows))
+    atomic_write_text(out / "report.json", json.dumps(rep.__dict__, indent=2) + "\n")  # last: the run finished
     print(f"[instructrl] {rep.summary()}")
     print(f"[instructrl] wrote {', '.join(f'{n}.jsonl' for n in splits)} and report.json to {cfg.out}")
     return rep

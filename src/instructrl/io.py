@@ -72,53 +72,185 @@ def write_jsonl(path: str | Path, rows: Any) -> int:
     return n
 
 
-def read_jsonl(path: str | Path, on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
+_BOM = b"\xef\xbb\xbf"
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(obj, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return any(_has_lone_surrogate(v) for v in obj)
+    return False
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json accepts NaN/Infinity; they are not JSON and poison scores and losses downstream.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines as bytes; a file that cannot be opened or decompressed raises DataError."""
+    if path.is_dir():
+        raise DataError(str(path), None, None, "is a folder; expected a JSONL file")
+    if not path.exists():
+        raise DataError(str(path), None, None, "file not found")
+    try:
+        if path.suffix == ".gz":
+            import gzip
+            import zlib
+
+            try:
+                with gzip.open(path, "rb") as f:
+                    yield from f
+            except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+                raise DataError(str(path), None, None, f"not a valid gzip file ({e or 'truncated'})") from None
+        else:
+            with open(path, "rb") as f:
+                yield from f
+    except OSError as e:
+        raise DataError(str(path), None, None, f"cannot read: {e.strerror or e}") from None
+
+
+def read_jsonl(path: str | Path, on_error: Callable[[DataError], None] | None = None,
+               allow_nan: bool = True) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, object) for each non-blank line; 1-based line numbers.
 
     A line that is not a JSON object raises DataError naming file and line, or,
     when ``on_error`` is given, is passed to it and skipped (the loaders'
     ``errors="skip"`` mode: a generator cannot go on after raising).
-    Files ending in .gz are decompressed.
+    Files ending in .gz are decompressed. A UTF-8 byte-order mark (as some
+    Windows editors write) is ignored; invalid UTF-8 and lone surrogate escapes
+    are errors on their line, and so are NaN/Infinity with ``allow_nan=False``
+    (the data loaders; our own metrics.jsonl may hold a NaN loss).
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(str(path), None, None, "file not found")
-    if path.suffix == ".gz":
-        import gzip
-
-        f = gzip.open(path, "rt", encoding="utf-8")
-    else:
-        f = open(path, encoding="utf-8")
-    with f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for i, raw in enumerate(_raw_lines(path), start=1):
+        if i == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            err = DataError(str(path), i, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                            "save the file as UTF-8")
+        else:
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_constant=None if allow_nan else _refuse_constant)
             except json.JSONDecodeError as e:
                 err = DataError(str(path), i, None, f"not valid JSON ({e.msg} at column {e.colno})")
+            except ValueError as e:
+                err = DataError(str(path), i, None, f"not valid JSON ({e})")
             else:
-                if isinstance(obj, dict):
+                if not isinstance(obj, dict):
+                    err = DataError(str(path), i, None, f"expected a JSON object, got {type(obj).__name__}")
+                elif "\\u" in line.lower() and _has_lone_surrogate(obj):
+                    err = DataError(str(path), i, None, "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)")
+                else:
                     yield i, obj
                     continue
-                err = DataError(str(path), i, None, f"expected a JSON object, got {type(obj).__name__}")
-            if on_error is None:
-                raise err
-            on_error(err)
+        if on_error is None:
+            raise err
+        on_error(err)
+
+
+class OutputError(DataError):
+    """An output path that must not be written (it holds the user's own data, or a different run)."""
+
+    def __init__(self, path: str | Path, message: str):
+        super().__init__(str(path), None, None, message)
+
+
+# atomic_dir writes this file into every folder it creates; a folder carrying it may be replaced.
+OUTPUT_MARKER = ".instructrl-output"
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd = -100
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # this kernel or file system has no exchange: fall back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _old_copies(final: Path) -> list[Path]:
+    import glob
+
+    return sorted(final.parent.glob(f".{glob.escape(final.name)}.old-*"), key=lambda p: p.stat().st_mtime_ns)
+
+
+def recover_atomic_dir(final: str | Path) -> None:
+    """Finish what a kill between atomic_dir's two renames left: when ``final`` is missing,
+    the newest ``.NAME.old-*`` folder (the previous version) goes back into place; leftovers
+    next to a present ``final`` are deleted."""
+    final = Path(final)
+    olds = _old_copies(final)
+    if olds and not final.exists():
+        os.replace(olds.pop(), final)
+    for o in olds:
+        shutil.rmtree(o, ignore_errors=True)
+
+
+def is_ours(folder: Path, legacy: tuple[str, ...] = ()) -> bool:
+    """A folder atomic_dir may replace: empty, carrying OUTPUT_MARKER, or (folders written before
+    the marker existed) holding every file named in ``legacy``."""
+    if (folder / OUTPUT_MARKER).exists() or not any(folder.iterdir()):
+        return True
+    return bool(legacy) and all((folder / n).exists() for n in legacy)
+
+
+def check_replaceable(final: str | Path, legacy: tuple[str, ...] = ()) -> None:
+    """Raise OutputError unless atomic_dir may write ``final`` (absent, or a folder of ours).
+    Commands call it at their start too, so a bad out= fails before hours of work, not after."""
+    final = Path(final)
+    recover_atomic_dir(final)
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise OutputError(final, "exists and is not a folder; choose an output folder path")
+    if final.exists() and not is_ours(final, legacy):
+        raise OutputError(final, f"is a folder that instructrl did not write (no {OUTPUT_MARKER} file); "
+                          "refusing to replace it: choose a new or empty output folder")
 
 
 @contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
+def atomic_dir(final: str | Path, legacy: tuple[str, ...] = ()) -> Iterator[Path]:
     """Build a folder under a temporary name, then swap it into place.
 
-    A crash inside the block leaves any previous ``final`` folder intact.
+    A crash inside the block leaves any previous ``final`` folder intact, and a kill
+    during the swap never leaves nothing at ``final`` (atomic exchange on Linux; elsewhere
+    the next call restores the previous version). An existing ``final`` is replaced only
+    when it is ours (see :func:`is_ours`; ``legacy`` names the files that mark a folder of
+    ours written before the marker, e.g. ``("config.json",)`` for a saved model); a
+    folder of the user's own, or a file, raises OutputError before anything is built.
     """
     final = Path(final)
+    check_replaceable(final, legacy)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by instructrl; this folder may be replaced by the next run\n")
+        if final.exists() and _exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous version
+            return
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
@@ -129,6 +261,96 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# What a training/eval run writes into its folder. A fresh start with overwrite clears these and
+# nothing else; a folder holding any of RUN_FILES already holds a run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "log.txt")
+RUN_FOLDERS = ("checkpoints",)
+
+# Keys that may change between a run and its --resume: they extend or place the run without
+# changing what it computes. A name without a dot matches that key in any section
+# ("threads" matches "runtime.threads"); a dotted name matches that key only.
+RESUME_SAFE_KEYS = frozenset({"resume", "overwrite", "output_dir", "threads", "device", "epochs", "steps",
+                              "total_steps", "max_steps", "log_every", "eval_every", "save_every"})
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _is_safe(key: str, safe_keys: set[str] | frozenset[str]) -> bool:
+    return key in safe_keys or key.rsplit(".", 1)[-1] in {s for s in safe_keys if "." not in s}
+
+
+def config_changes(saved: dict, new: dict, safe_keys: set[str] | frozenset[str] = RESUME_SAFE_KEYS) -> list[str]:
+    """``key: old -> new`` for every dotted key that differs, keys in ``safe_keys`` left out."""
+    a, b = _flatten(saved), _flatten(new)
+    missing = object()
+    lines = []
+    for k in sorted(set(a) | set(b)):
+        # YAML gives lists where the dataclass may hold tuples
+        va, vb = (list(v) if isinstance(v, tuple) else v for v in (a.get(k, missing), b.get(k, missing)))
+        if va == vb or _is_safe(k, safe_keys):
+            continue
+        show = lambda v: "(absent)" if v is missing else repr(v) if isinstance(v, str) else v  # noqa: E731
+        lines.append(f"{k}: {show(va)} -> {show(vb)}")
+    return lines
+
+
+def holds_run(path: Path) -> bool:
+    ck = path / "checkpoints"
+    return any((path / n).exists() for n in RUN_FILES[:2]) or (ck.is_dir() and any(ck.iterdir()))
+
+
+def prepare_run_folder(path: str | Path, config: dict, resume: bool = False, overwrite: bool = False,
+                       safe_keys: set[str] | frozenset[str] = RESUME_SAFE_KEYS, outputs: tuple[str, ...] = ()) -> Path:
+    """Check a run folder before a run writes anything into it.
+
+    Fresh start: a folder that already holds a run (config.yaml, metrics.jsonl or a checkpoint)
+    raises OutputError, so metrics never mix and --resume never picks an older run's checkpoint;
+    with ``overwrite`` only our own files (RUN_FILES, checkpoints/ and the names in ``outputs``,
+    e.g. ``("model",)``) are removed, never anything else in the folder.
+    Resume: the saved config.yaml must match ``config`` except ``safe_keys``; otherwise
+    OutputError lists every changed key (``train.lr: 1e-05 -> 3e-05``).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(path, "exists and is not a folder; choose a run folder path (output_dir=)")
+    if resume:
+        saved_path = path / "config.yaml"
+        if saved_path.exists():
+            import yaml
+
+            try:
+                saved = yaml.safe_load(saved_path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise OutputError(saved_path, f"cannot read the saved config to resume: {e}") from None
+            changes = config_changes(saved, config, safe_keys)
+            if changes:
+                raise OutputError(saved_path, "--resume with a changed config (start a new output_dir=, "
+                                  "or pass --overwrite to start over): " + "; ".join(changes))
+        return path
+    if path.is_dir() and holds_run(path):
+        if not overwrite:
+            raise OutputError(path, "already holds a run (config.yaml/metrics.jsonl/checkpoints); "
+                              "use --resume to continue it, --overwrite to start it over, or another output_dir=")
+        log = logging.getLogger(f"instructrl.run.{path}")
+        for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+            log.removeHandler(h)  # it writes to the log.txt about to go; RunDir opens the new one
+            h.close()
+        for name in (*RUN_FILES, *RUN_FOLDERS, *outputs):
+            p = path / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    return path
 
 
 class RunDir:
@@ -152,6 +374,19 @@ class RunDir:
                 self.log.addHandler(fh)
         else:
             self.log.addHandler(logging.NullHandler())
+
+    @classmethod
+    def start(cls, path: str | Path, cfg: Any, resume: bool = False, overwrite: bool = False,
+              safe_keys: set[str] | frozenset[str] = RESUME_SAFE_KEYS, outputs: tuple[str, ...] = (),
+              is_main: bool = True) -> "RunDir":
+        """Check the folder (see :func:`prepare_run_folder`), open it, save ``cfg`` as config.yaml."""
+        import dataclasses
+
+        if is_main:
+            prepare_run_folder(path, dataclasses.asdict(cfg), resume, overwrite, safe_keys, outputs)
+        run = cls(path, is_main)
+        run.save_config(cfg)
+        return run
 
     @property
     def checkpoints(self) -> Path:
@@ -178,4 +413,15 @@ class RunDir:
         p = self.path / "metrics.jsonl"
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        lines = p.read_text().splitlines()
+        rows = []
+        for i, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines):  # a kill mid-append leaves a cut last line; the rows before it stand
+                    break
+                raise DataError(str(p), i, None, "not valid JSON: this run's metrics file is damaged") from None
+        return rows

@@ -10,8 +10,9 @@ google-research/instruction_following_eval (instructions.py); this is an
 independent implementation. Known differences, all documented in docs/ifeval.md:
 sentences are counted with our own splitter (reference: NLTK punkt), capital
 words are found with a regex tokenizer (reference: NLTK word_tokenize), and the
-language is detected with ``langdetect`` when it is installed, otherwise with a
-small script + stop-word heuristic (:func:`detect_language`).
+language is detected with ``langdetect`` (a default dependency, seeded as the
+reference does); only where it is missing, a small script + stop-word heuristic
+decides (:func:`detect_language`).
 
 Scoring (reference evaluation_lib.py): an empty response follows nothing;
 prompt-level strict accuracy = share of prompts whose every instruction is
@@ -124,17 +125,21 @@ def _heuristic_language(text: str) -> str | None:
 def detect_language(text: str) -> tuple[str | None, str]:
     """(ISO 639-1 code or None when undetermined, detector name).
 
-    Uses ``langdetect`` (seeded, as the reference does) if it is installed,
-    else :func:`_heuristic_language`, which only tells apart the languages
-    listed there (IFEval's response_language ids are mostly covered).
+    Uses ``langdetect`` (seeded, as the reference does: its sampling is random), a
+    default dependency; the documented fallback where it is not installed is
+    :func:`_heuristic_language`, which only tells apart the languages listed there
+    (IFEval's response_language ids are mostly covered). langdetect sees the text in
+    lower case: its n-gram profiles are of ordinary text, and on capitals (the
+    change_case:english_capital check) it calls French English; the reference passes
+    the text as it is.
     """
     try:
-        import langdetect  # optional: pip install langdetect
+        import langdetect
     except ImportError:
         return _heuristic_language(text), "heuristic"
     langdetect.DetectorFactory.seed = 0
     try:
-        return langdetect.detect(text), "langdetect"
+        return langdetect.detect(text.lower()), "langdetect"
     except langdetect.LangDetectException:
         return None, "langdetect"
 
