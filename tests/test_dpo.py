@@ -139,9 +139,9 @@ def test_bad_rankings_are_data_errors(tiny_model_dir, tmp_path):
         train_dpo(_cfg(tiny_model_dir, empty, tmp_path / "run2"))
 
 
-def test_infinite_lr_stops_with_config_error_and_saves_no_model(tiny_model_dir, tmp_path):
+def test_overflowing_lr_stops_with_config_error_and_saves_no_model(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.lr"):
-        train_dpo(_cfg(tiny_model_dir, _rankings(tmp_path / "r.jsonl"), tmp_path / "run", "train.lr=inf"))
+        train_dpo(_cfg(tiny_model_dir, _rankings(tmp_path / "r.jsonl"), tmp_path / "run", "train.lr=1e38"))
     assert not (tmp_path / "run" / "model").exists()
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 

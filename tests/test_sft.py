@@ -139,11 +139,11 @@ def test_trainable_layers_trains_only_the_top_blocks(tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_sft_infinite_lr_stops_with_config_error_and_saves_nothing(tiny_model_dir, tmp_path):
+def test_sft_overflowing_lr_stops_with_config_error_and_saves_nothing(tiny_model_dir, tmp_path):
     from instructrl.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.lr"):
-        train_sft(_cfg(tiny_model_dir, tmp_path / "run", "train.lr=inf", "train.precision=fp32"))
+        train_sft(_cfg(tiny_model_dir, tmp_path / "run", "train.lr=1e38", "train.precision=fp32"))
     assert not (tmp_path / "run" / "model").exists()
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -151,13 +151,13 @@ def test_sft_infinite_lr_stops_with_config_error_and_saves_nothing(tiny_model_di
     assert [r["skipped_steps"] for r in rows] == [0, 1, 2]
 
 
-def test_rm_infinite_lr_stops_with_config_error_and_saves_nothing(tiny_model_dir, tmp_path):
+def test_rm_overflowing_lr_stops_with_config_error_and_saves_nothing(tiny_model_dir, tmp_path):
     from instructrl.config import ConfigError
     from instructrl.train.rm import RMConfig, train_rm
 
     cfg = load_config(RMConfig, None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'rm'}",
                                        f"data.train={EXAMPLES / 'pairwise.jsonl'}", "data.val_fraction=0",
-                                       "train.batch_size=1", "train.lr=inf", "train.precision=fp32"])
+                                       "train.batch_size=1", "train.lr=1e38", "train.precision=fp32"])
     with pytest.raises(ConfigError, match="train.lr"):
         train_rm(cfg)
     assert not (tmp_path / "rm" / "model").exists()
