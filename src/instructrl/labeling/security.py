@@ -133,7 +133,7 @@ class Sessions:
             sid = self.ser.loads(cookie, max_age=self.max_age_s)
         except BadSignature:  # includes SignatureExpired
             return None
-        return sid if isinstance(sid, str) and 16 <= len(sid) <= 128 else None
+        return sid if isinstance(sid, str) and 16 <= len(sid) <= 64 else None
 
     def csrf(self, sid: str) -> str:
         return hmac.new(self.secret, f"csrf:{sid}".encode(), hashlib.sha256).hexdigest()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import (Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
-                        func, select)
+                        func, inspect, select, text)
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -253,8 +253,20 @@ class Store:
         if create:
             try:
                 Base.metadata.create_all(self.engine)
+                self._upgrade()
             except OperationalError as e:
                 raise ConfigError(f"db={url}: cannot open the database: {e.orig}") from None
+
+    def _upgrade(self) -> None:
+        """Bring a store made by an older version up to date: the ``disabled`` column, and no signing key left
+        in ``settings`` (it used to live there in plain text; the key now comes from security.load_secret)."""
+        if "disabled" not in {c["name"] for c in inspect(self.engine).get_columns("users")}:
+            with self.write() as s:
+                s.execute(text("ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE"))
+        with self.write() as s:
+            old = s.get(Setting, "secret_key")
+            if old is not None:
+                s.delete(old)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -320,7 +332,7 @@ class Store:
             u.pw_hash = hash_password(password)
             _revoke(s, uid)
 
-    def change_own_password(self, uid: int, old: str, new: str, keep_sid: str) -> None:
+    def change_own_password(self, uid: int, old: str, new: str, keep_sid: str = "") -> None:
         """The user's own change: needs the current password; other sessions end, this one stays."""
         u = self.get_user(uid)
         if u is None or not verify_password(old, u.pw_hash):
