@@ -364,7 +364,8 @@ def test_admin_disables_accounts_and_resets_passwords(env):
     assert r.status_code == 409 and "your own account" in r.text
     r = adm.post(f"/admin/users/{uid}/password", data={"csrf_token": atok, "password": "short"})
     assert r.status_code == 400 and "at least 8" in r.text
-    assert adm.post(f"/admin/users/{uid}/password", data={"csrf_token": atok, "password": "a new secret pw"}).status_code == 303
+    r = adm.post(f"/admin/users/{uid}/password", data={"csrf_token": atok, "password": "a new secret pw"})
+    assert r.status_code == 303
     assert lab.get("/").status_code == 303  # a reset ends the account's sessions
     assert lab.post("/login", data={"name": "lab0", "password": PW}).status_code == 401
     login(lab, "lab0", "a new secret pw")

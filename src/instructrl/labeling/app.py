@@ -22,12 +22,14 @@ from pathlib import Path
 
 from instructrl.config import ConfigError, check, param
 from instructrl.hygiene import HygieneConfig
-from instructrl.labeling.forms import parse_order, parse_submission  # noqa: F401  (the app's public helpers)
+from instructrl.labeling.forms import parse_order, parse_submission
 from instructrl.labeling.generate import GenConfig
 from instructrl.labeling.store import MIN_PASSWORD, LabelError, Store
 from instructrl.runtime import device_field, make_runtime, precision_field
 
 HERE = Path(__file__).parent
+__all__ = ["LabelConfig", "LabelExportConfig", "create_app", "ensure_admin", "export_command", "parse_order",
+           "parse_submission", "serve"]
 
 
 @dataclass
@@ -43,7 +45,8 @@ class LabelConfig:
     cookie_secure: bool = param(False, "mark the session cookie Secure (set true behind HTTPS)")
     max_text_chars: int = param(20000, "longest demonstration / chat message accepted (longer gets 413)")
     max_upload_mb: float = param(50.0, "largest prompt file accepted on import")
-    max_request_mb: float = param(64.0, "largest request body of a logged-in user (413 beyond); must hold max_upload_mb")
+    max_request_mb: float = param(64.0, "largest request body of a logged-in user (413 beyond); "
+                                        "must hold max_upload_mb")
     login_max_failures: int = param(5, "failed logins per account or per client address within login_window_minutes "
                                        "before further tries get 429")
     login_window_minutes: float = param(5.0, "window of the failed-login count")
@@ -61,8 +64,7 @@ class LabelConfig:
         check(self.login_max_failures >= 1, "login_max_failures must be >= 1")
         check(self.login_window_minutes > 0, "login_window_minutes must be > 0")
         check(self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32")
-        if self.gen.dtype:  # the old key: still read, it names the precision
-            check(self.precision in ("fp32", self.gen.dtype), "gen.dtype (deprecated) and precision disagree")
+        if self.gen.dtype and self.precision == "fp32":  # the old key, still read; a non-default precision wins
             self.precision = self.gen.dtype
 
 

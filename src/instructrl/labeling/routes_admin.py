@@ -168,4 +168,5 @@ def export(pid: int, kind: str, split: str = "train", labelers: str = "train", w
     rows = build_records(st.store.labeled(pid), proj.hh_mode, labelers)[kind].get(split, [])
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     fname = f"{proj.name}-{split}-{kind}.jsonl".replace(" ", "_")
-    return Response(body, media_type="application/x-ndjson", headers={"Content-Disposition": content_disposition(fname)})
+    return Response(body, media_type="application/x-ndjson",
+                    headers={"Content-Disposition": content_disposition(fname)})
