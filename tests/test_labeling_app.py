@@ -539,6 +539,7 @@ def test_login_throttle_window():
     assert t.retry_after("v", "9.9.9.9") == 0
     now[0] += 61
     assert t.retry_after("u", "1.2.3.4") == 0
+    assert t.fails == {}  # nothing kept once the window has passed
 
 
 def test_html_escaping_and_non_ascii_answers(env):
@@ -601,3 +602,20 @@ def test_duplicate_replies_normalised_and_blank_demonstrations():
         with pytest.raises(LabelError, match="empty"):
             parse_submission("demonstration", {"response": blank}, 0, 100)
     assert parse_submission("demonstration", {"response": " \u200bhi "}, 0, 100) == {"response": "\u200bhi"}
+
+
+def test_generation_job_reads_done_only_after_the_tasks_exist(tmp_path):
+    from types import SimpleNamespace
+
+    from instructrl.labeling.generate import GenConfig, generate_for_project
+    from labeling_util import prompts
+
+    store = Store(f"sqlite:///{tmp_path / 'g.db'}")
+    pid = store.create_project("g", "rank", k=2)
+    store.import_prompts(pid, {"train": prompts(3)}, {})
+    fake = SimpleNamespace(cfg=GenConfig(batch_size=2), name="fake",
+                           distinct=lambda ps, k: [[f"one {i}", f"two {i}"] for i in range(len(ps))])
+    seen = []
+    generate_for_project(store, pid, fake, 2, before_done=lambda: seen.append((store.job(pid)["status"],
+                                                                                 store.make_tasks(pid))))
+    assert seen == [("running", 3)] and store.job(pid)["status"] == "done"

@@ -201,7 +201,8 @@ def test_sessions_revocation_expiry_and_disabled_accounts(store):
     uid = store.create_user("carol", PW)
     sid = store.create_session(uid, 60)
     assert store.session_user(sid).id == uid
-    assert store.session_user(store.create_session(uid, -1)) is None  # expired
+    expired = store.create_session(uid, -1)
+    assert store.session_user(expired) is None  # expired
     other = store.create_session(uid, 60)
     store.revoke_session(sid)
     assert store.session_user(sid) is None and store.session_user(other).id == uid
@@ -216,6 +217,10 @@ def test_sessions_revocation_expiry_and_disabled_accounts(store):
     assert e.value.status == 403
     store.change_own_password(uid, PW, "a new password", keep_sid=keep)
     assert store.session_user(keep).id == uid and store.session_user(drop) is None
+    from instructrl.labeling.store import AuthSession
+
+    with store.read() as s:
+        assert s.get(AuthSession, expired) is None  # swept by the later logins
     store.set_password(uid, "third password")
     assert store.session_user(keep) is None and store.authenticate("carol", "third password").id == uid
     with pytest.raises(LabelError, match="at least 8"):

@@ -104,8 +104,12 @@ def distinct_replies(sample: Callable[[list[int]], list[list[str]]], n: int, k: 
 
 
 def generate_for_project(store, pid: int, gen: Generator, k: int,
-                         progress: Callable[[int, int], None] | None = None) -> dict:
+                         progress: Callable[[int, int], None] | None = None,
+                         before_done: Callable[[], object] | None = None) -> dict:
     """Fill every prompt of the project that lacks K completions; resumable (done prompts are skipped).
+
+    ``before_done`` (the app makes the tasks) runs before the job reads "done", so whoever polls the
+    job sees the tasks as soon as it sees "done".
 
     Progress goes to the store's gen_jobs row (the admin page polls it) and to a tqdm bar.
     """
@@ -128,6 +132,8 @@ def generate_for_project(store, pid: int, gen: Generator, k: int,
             store.job_update(pid, done=done)
             if progress:
                 progress(done, total)
+        if before_done:
+            before_done()
     except Exception as e:
         store.job_update(pid, status="failed", error=f"{type(e).__name__}: {e}")
         raise

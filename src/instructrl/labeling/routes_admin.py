@@ -124,8 +124,8 @@ async def generate(pid: int, p: Posted = Depends(posted_admin), st: LabState = D
 
         try:
             st.store.job_update(pid, status="running", done=0, total=0, error="loading model")
-            generate_for_project(st.store, pid, st.generator(proj.model), proj.k)
-            st.store.make_tasks(pid)
+            generate_for_project(st.store, pid, st.generator(proj.model), proj.k,
+                                 before_done=lambda: st.store.make_tasks(pid))
         except Exception as e:  # shown on the project page
             st.store.job_update(pid, status="failed", error=f"{type(e).__name__}: {e}")
 

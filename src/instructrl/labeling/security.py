@@ -155,9 +155,13 @@ class LoginThrottle:
         self.lock = threading.Lock()
 
     def _recent(self, key: str, now: float) -> deque:
-        q = self.fails.setdefault(key, deque())
+        """The failures of ``key`` inside the window; keys with none are dropped (memory stays bounded by
+        the failures of the last window, however many names are tried)."""
+        q = self.fails.get(key, deque())
         while q and q[0] <= now - self.window_s:
             q.popleft()
+        if not q:
+            self.fails.pop(key, None)
         return q
 
     def retry_after(self, name: str, addr: str) -> int:
@@ -175,7 +179,9 @@ class LoginThrottle:
         now = self.clock()
         with self.lock:
             for key in (f"user:{name}", f"addr:{addr}"):
-                self._recent(key, now).append(now)
+                q = self._recent(key, now)
+                q.append(now)
+                self.fails[key] = q
 
     def succeeded(self, name: str) -> None:
         with self.lock:

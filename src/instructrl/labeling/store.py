@@ -358,6 +358,8 @@ class Store:
         sid = secrets.token_urlsafe(32)
         now = _now()
         with self.write() as s:
+            for old in s.scalars(select(AuthSession).where(AuthSession.user_id == uid, AuthSession.expires_at < now)):
+                s.delete(old)  # a login sweeps the account's expired rows: the table does not grow without end
             s.add(AuthSession(id=sid, user_id=uid, created_at=now, expires_at=now + timedelta(seconds=seconds)))
         return sid
 
