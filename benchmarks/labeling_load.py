@@ -35,7 +35,7 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="instructrl-load-")
     db = f"sqlite:///{tmp}/load.db" if args.db == "sqlite" else args.db
-    store = Store(db, create=False)
+    store = Store(db, create=args.db == "sqlite")  # a server database: its tables are reset below
     Base.metadata.drop_all(store.engine)
     Base.metadata.create_all(store.engine)
     pid = store.create_project("load", "rank", k=4, overlap_fraction=0.0)

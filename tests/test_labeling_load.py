@@ -82,7 +82,12 @@ def loaded_store(tmp_path):
 
 
 class Labeler(threading.Thread):
-    """Logs in, then GET /next -> task page -> POST a ranking, until told to stop or out of tasks."""
+    """Logs in, then GET /next -> task page -> POST a ranking, until told to stop or out of tasks.
+
+    Every fifth task is a double click: two submits of the same task released together by a barrier.
+    A failed check inside the thread is recorded in ``failures`` (the test fails on it; an exception
+    in a thread would only be a warning).
+    """
 
     def __init__(self, base: str, name: str, stop_at: threading.Event):
         super().__init__(daemon=True)
@@ -90,12 +95,33 @@ class Labeler(threading.Thread):
         self.acked: list[int] = []
         self.refused_dupes = 0
         self.errors = 0
+        self.failures: list[str] = []
         self.client = httpx.Client(base_url=base, timeout=30, follow_redirects=False)
 
     def login(self):
         r = self.client.post("/login", data={"name": self.name, "password": PW})
         assert r.status_code == 303, r.text
         self.csrf = CSRF_RE.search(self.client.get("/").text).group(1)
+
+    def submit(self, aid: int) -> httpx.Response:
+        return self.client.post(f"/tasks/{aid}/submit", data={"csrf_token": self.csrf, "order": "3,1,0,2"})
+
+    def double_click(self, aid: int) -> list[int]:
+        """Two truly simultaneous submits of one task; the status codes (an exception as -1)."""
+        barrier = threading.Barrier(2, timeout=30)
+        codes: list[int] = []
+
+        def click():
+            try:
+                barrier.wait()
+                codes.append(self.submit(aid).status_code)
+            except (httpx.HTTPError, OSError, threading.BrokenBarrierError):
+                codes.append(-1)
+
+        twins = [threading.Thread(target=click) for _ in range(2)]
+        [t.start() for t in twins]
+        [t.join(60) for t in twins]
+        return codes
 
     def run(self):
         try:
@@ -106,17 +132,26 @@ class Labeler(threading.Thread):
                     return  # no tasks left
                 aid = int(loc.rsplit("/", 1)[1])
                 assert self.client.get(loc).status_code == 200
-                r = self.client.post(f"/tasks/{aid}/submit", data={"csrf_token": self.csrf, "order": "3,1,0,2"})
-                if r.status_code == 303:
+                if (len(self.acked) + 1) % 5 == 0:  # a double click: one is stored, the other refused
+                    codes = self.double_click(aid)
+                    if -1 in codes:
+                        self.errors += 1
+                        return
+                    assert sorted(codes) == [303, 409], f"{self.name}: double submit of {aid} got {codes}"
                     self.acked.append(aid)
-                    if len(self.acked) % 5 == 0:  # a double click: must be refused, never stored twice
-                        r2 = self.client.post(f"/tasks/{aid}/submit", data={"csrf_token": self.csrf, "order": "0,1,2,3"})
-                        assert r2.status_code == 409, r2.text
-                        self.refused_dupes += 1
-                else:
-                    raise AssertionError(f"{self.name}: submit {aid} got {r.status_code}: {r.text[:300]}")
+                    self.refused_dupes += 1
+                    continue
+                r = self.submit(aid)
+                assert r.status_code == 303, f"{self.name}: submit {aid} got {r.status_code}: {r.text[:300]}"
+                self.acked.append(aid)
         except (httpx.HTTPError, OSError):
             self.errors += 1  # the server died under us (the crash test); unacknowledged work may be lost
+        except Exception as e:  # noqa: BLE001 -- every other failure fails the test, in the main thread
+            self.failures.append(f"{self.name}: {type(e).__name__}: {e}")
+
+
+def thread_failures(workers: list[Labeler]) -> list[str]:
+    return [f for w in workers for f in w.failures]
 
 
 def stored(store: Store, pid: int) -> list[tuple[int, list[int]]]:
@@ -139,6 +174,7 @@ def test_20_concurrent_labelers_no_lost_or_duplicated_labels(loaded_store):
     finally:
         stop(proc)
     acked = [a for w in workers for a in w.acked]
+    assert thread_failures(workers) == []
     assert all(w.errors == 0 for w in workers)
     rows = stored(store, pid)
     ids = [a for a, _ in rows]
@@ -169,6 +205,7 @@ def test_kill_9_mid_load_keeps_every_acknowledged_label(loaded_store):
     finally:
         stop(proc)
     acked = {a for w in workers for a in w.acked}
+    assert thread_failures(workers) == []
     assert acked, "no submission was acknowledged before the kill"
     proc = start_server(db, port)
     try:

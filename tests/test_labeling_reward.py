@@ -67,3 +67,35 @@ def test_export_labeled_project_and_train_reward_model(tmp_path, tiny_model_dir)
     rows = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_generation_runs_on_the_command_runtime(tiny_model_dir):
+    import torch
+
+    from instructrl.labeling.app import LabelConfig
+    from instructrl.labeling.generate import GenConfig, Generator
+    from instructrl.runtime import make_runtime
+
+    rt = make_runtime("cpu", "bf16")
+    gen = Generator(str(tiny_model_dir), GenConfig(max_new_tokens=6, batch_size=2), rt)
+    p = next(gen.model.parameters())
+    assert p.device == rt.device and p.dtype == torch.float32  # fp32 master weights; bf16 only under autocast
+    seen = []
+    real = gen.model.generate
+
+    def spy(**kw):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(**kw)
+
+    gen.model.generate = spy
+    out = gen.distinct([[{"role": "user", "content": "hi"}]], 2)
+    assert seen and all(seen) and (out[0] is None or len(out[0]) == 2)
+    # the old gen.dtype key is still read as the precision; an explicit non-default precision wins
+    cfg = LabelConfig()
+    cfg.gen.dtype = "bf16"
+    cfg.validate()
+    assert cfg.precision == "bf16"
+    cfg = LabelConfig(precision="auto")
+    cfg.gen.dtype = "fp32"
+    cfg.validate()
+    assert cfg.precision == "auto"

@@ -195,3 +195,56 @@ def test_project_validation(store):
                     ({"kind": "rank", "overlap_fraction": 1.5}, "overlap_fraction")]:
         with pytest.raises(LabelError, match=msg):
             store.create_project("x", **kw)
+
+
+def test_sessions_revocation_expiry_and_disabled_accounts(store):
+    uid = store.create_user("carol", PW)
+    sid = store.create_session(uid, 60)
+    assert store.session_user(sid).id == uid
+    expired = store.create_session(uid, -1)
+    assert store.session_user(expired) is None  # expired
+    other = store.create_session(uid, 60)
+    store.revoke_session(sid)
+    assert store.session_user(sid) is None and store.session_user(other).id == uid
+    store.set_disabled(uid, True)
+    assert store.session_user(other) is None and store.authenticate("carol", PW) is None
+    store.set_disabled(uid, False)
+    assert store.session_user(other) is None  # disabling ended it for good
+    assert store.authenticate("carol", PW).id == uid
+    keep, drop = store.create_session(uid, 60), store.create_session(uid, 60)
+    with pytest.raises(LabelError) as e:
+        store.change_own_password(uid, "not it", "a new password")
+    assert e.value.status == 403
+    store.change_own_password(uid, PW, "a new password", keep_sid=keep)
+    assert store.session_user(keep).id == uid and store.session_user(drop) is None
+    from instructrl.labeling.store import AuthSession
+
+    with store.read() as s:
+        assert s.get(AuthSession, expired) is None  # swept by the later logins
+    store.set_password(uid, "third password")
+    assert store.session_user(keep) is None and store.authenticate("carol", "third password").id == uid
+    with pytest.raises(LabelError, match="at least 8"):
+        store.set_password(uid, "short")
+    with pytest.raises(LabelError) as e:
+        store.set_disabled(10**30, True)
+    assert e.value.status == 404
+
+
+def test_old_store_is_upgraded(tmp_path):
+    import sqlite3
+
+    from instructrl.labeling.store import Store
+
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)  # the users/settings tables as the previous version made them
+    con.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name VARCHAR(64) UNIQUE, pw_hash VARCHAR(256), "
+                "role VARCHAR(16), held_out BOOLEAN, created_at DATETIME)")
+    con.execute("CREATE TABLE settings (key VARCHAR(64) PRIMARY KEY, value TEXT)")
+    con.execute("INSERT INTO settings VALUES ('secret_key', 'an old plain-text key')")
+    con.commit()
+    con.close()
+    s = Store(f"sqlite:///{db}")
+    uid = s.create_user("dave", PW)
+    assert s.get_user(uid).disabled is False
+    s.dispose()
+    assert "an old plain-text key" not in "\n".join(sqlite3.connect(db).iterdump())

@@ -5,7 +5,9 @@ tokenization rule), so what labelers rank is exactly what the policy would emit.
 InstructGPT samples K = 4..9 outputs per prompt from its models (§3.5); the
 outputs of one prompt must be distinct (a ranking of identical texts carries no
 comparison and :func:`instructrl.data.load_rankings` rejects it), so duplicates
-and empty samples are redrawn a few times.
+and empty samples are redrawn a few times. Two samples are duplicates when they
+are equal after collapsing whitespace runs, stripping and ignoring case
+("a", "a " and "A" are one reply to a labeler).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class GenConfig:
     top_p: float = param(1.0, "nucleus sampling mass; 1 = plain sampling")
     batch_size: int = param(4, "prompts per generate() call")
     max_redraws: int = param(4, "rounds of resampling when a prompt's completions are empty or identical")
-    dtype: str = param("fp32", "fp32 | bf16")
+    dtype: str = param("", "deprecated: the precision key of the command replaces it; fp32 | bf16 sets precision")
     seed: int = param(0, "torch seed set before generating")
 
     def validate(self) -> None:
@@ -34,21 +36,28 @@ class GenConfig:
         check(self.temperature > 0, "gen.temperature must be > 0")
         check(0 < self.top_p <= 1, "gen.top_p must be in (0, 1]")
         check(self.batch_size >= 1, "gen.batch_size must be >= 1")
-        check(self.dtype in ("fp32", "bf16"), "gen.dtype must be fp32 or bf16")
+        check(self.dtype in ("", "fp32", "bf16"), "gen.dtype must be fp32 or bf16 (deprecated: use precision=)")
+
+
+def same_reply_key(text: str) -> str:
+    """What makes two replies the same to a labeler: whitespace runs collapsed, stripped, case folded."""
+    return " ".join(text.split()).casefold()
 
 
 class Generator:
     """A loaded model + tokenizer that samples distinct replies. Thread-safe (one generate at a time)."""
 
-    def __init__(self, model: str | None, cfg: GenConfig):
+    def __init__(self, model: str | None, cfg: GenConfig, rt=None):
         import torch
 
-        from instructrl.models import dtype_from_name, load_causal_lm, load_tokenizer
+        from instructrl.models import load_causal_lm, load_tokenizer
+        from instructrl.runtime import make_runtime
 
         self.cfg = cfg
+        self.rt = rt or make_runtime("cpu", "fp32")
         self.name = model or "default"
         self.tok = load_tokenizer(model, padding_side="left")  # left padding: generation continues every row
-        self.model = load_causal_lm(model, dtype=dtype_from_name(cfg.dtype)).eval()
+        self.model = load_causal_lm(model).to(self.rt.device).eval()  # fp32 master weights; bf16 via autocast
         self.lock = threading.Lock()
         torch.manual_seed(cfg.seed)
 
@@ -59,7 +68,8 @@ class Generator:
 
         ids = [encode_prompt(self.tok, m) for m in prompts]
         input_ids, attn = pad(ids, self.tok.pad_token_id, side="left")
-        with self.lock, torch.no_grad():
+        input_ids, attn = input_ids.to(self.rt.device), attn.to(self.rt.device)
+        with self.lock, torch.no_grad(), self.rt.autocast():
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attn, do_sample=True, temperature=self.cfg.temperature,
                 top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=n,
@@ -70,22 +80,36 @@ class Generator:
 
     def distinct(self, prompts: list[Messages], k: int) -> list[list[str] | None]:
         """K distinct non-empty completions per prompt; None for a prompt that still lacks them after redraws."""
-        got: list[list[str]] = [[] for _ in prompts]
-        for _ in range(1 + self.cfg.max_redraws):
-            todo = [i for i, g in enumerate(got) if len(g) < k]
-            if not todo:
-                break
-            samples = self._sample([prompts[i] for i in todo], k)
-            for i, texts in zip(todo, samples):
-                for t in texts:
-                    if t and t not in got[i] and len(got[i]) < k:
-                        got[i].append(t)
-        return [g if len(g) == k else None for g in got]
+        return distinct_replies(lambda todo: self._sample([prompts[i] for i in todo], k), len(prompts), k,
+                                self.cfg.max_redraws)
+
+
+def distinct_replies(sample: Callable[[list[int]], list[list[str]]], n: int, k: int,
+                     max_redraws: int) -> list[list[str] | None]:
+    """Draw with ``sample(prompt indices)`` until each of ``n`` prompts has ``k`` non-empty replies that are
+    pairwise different under :func:`same_reply_key`; None for a prompt still short after the redraws."""
+    got: list[list[str]] = [[] for _ in range(n)]
+    keys: list[set[str]] = [set() for _ in range(n)]
+    for _ in range(1 + max_redraws):
+        todo = [i for i, g in enumerate(got) if len(g) < k]
+        if not todo:
+            break
+        for i, texts in zip(todo, sample(todo)):
+            for t in texts:
+                key = same_reply_key(t)
+                if key and key not in keys[i] and len(got[i]) < k:
+                    got[i].append(t)
+                    keys[i].add(key)
+    return [g if len(g) == k else None for g in got]
 
 
 def generate_for_project(store, pid: int, gen: Generator, k: int,
-                         progress: Callable[[int, int], None] | None = None) -> dict:
+                         progress: Callable[[int, int], None] | None = None,
+                         before_done: Callable[[], object] | None = None) -> dict:
     """Fill every prompt of the project that lacks K completions; resumable (done prompts are skipped).
+
+    ``before_done`` (the app makes the tasks) runs before the job reads "done", so whoever polls the
+    job sees the tasks as soon as it sees "done".
 
     Progress goes to the store's gen_jobs row (the admin page polls it) and to a tqdm bar.
     """
@@ -108,6 +132,8 @@ def generate_for_project(store, pid: int, gen: Generator, k: int,
             store.job_update(pid, done=done)
             if progress:
                 progress(done, total)
+        if before_done:
+            before_done()
     except Exception as e:
         store.job_update(pid, status="failed", error=f"{type(e).__name__}: {e}")
         raise

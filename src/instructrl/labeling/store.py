@@ -8,7 +8,8 @@ double submission is refused by the database itself, not by a racy check.
 
 Tables::
 
-    users(name, pw_hash, role admin|labeler, held_out)
+    users(name, pw_hash, role admin|labeler, held_out, disabled)
+    sessions(id random, user, created_at, expires_at, revoked)      -- the cookie carries only the signed id
     projects(name, kind demonstration|rank|rate|hh, k, model, hh_mode, overlap_*, hygiene_report)
     prompts(project, ext_id, messages JSON, user_id, split)          -- after hygiene (instructrl.hygiene)
     completions(prompt, idx, text, model)                            -- K per prompt, generated
@@ -25,19 +26,23 @@ import json
 import random
 import secrets
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import (Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
-                        func, select)
-from sqlalchemy.exc import IntegrityError
+                        func, inspect, select, text)
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from instructrl.config import ConfigError
 from instructrl.data import PromptRecord
-from instructrl.labeling.security import hash_password, verify_password
+from instructrl.labeling.security import hash_password, load_secret, verify_password
 
 TASK_KINDS = ("demonstration", "rank", "rate", "hh")
 HH_MODES = ("helpful", "red_team")
+MIN_PASSWORD = 8
+MAX_ID = 2**63 - 1  # larger ids cannot exist (and overflow SQLite's integer binding)
 
 
 class LabelError(Exception):
@@ -69,7 +74,17 @@ class User(Base):
     pw_hash: Mapped[str] = mapped_column(String(256))
     role: Mapped[str] = mapped_column(String(16))  # admin | labeler
     held_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class AuthSession(Base):
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Project(Base):
@@ -181,21 +196,77 @@ def _sqlite_setup(engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
 
 
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise LabelError(400, f"password must be at least {MIN_PASSWORD} characters")
+
+
+def _revoke(s: Session, uid: int, keep_sid: str | None = None) -> None:
+    for row in s.scalars(select(AuthSession).where(AuthSession.user_id == uid, AuthSession.revoked.is_(False))):
+        if row.id != keep_sid:
+            row.revoked = True
+
+
+def _aware(t: datetime) -> datetime:
+    """SQLite hands back naive datetimes for timezone-aware columns; they were stored in UTC."""
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    if not url.startswith("sqlite") or "///" not in url:
+        return None
+    path = url.split("///", 1)[1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_db_url(url: str, create: bool) -> None:
+    """A clear ConfigError naming ``db`` for a URL that cannot work; never creates the file when ``create`` is off."""
+    if "://" not in url:
+        raise ConfigError(f"db={url!r} is not a database URL: use sqlite:///path/labels.db or "
+                          f"postgresql+psycopg://user:pw@host/db")
+    f = _sqlite_file(url)
+    if f is None:
+        return
+    if not f.parent.is_dir():
+        raise ConfigError(f"db={url}: folder {f.parent} does not exist")
+    if not create and not f.is_file():
+        raise ConfigError(f"db={url}: no such database file {f}")
+
+
 class Store:
-    def __init__(self, url: str, create: bool = True):
-        self.url = url
+    def __init__(self, url: str, create: bool = True, key_file: str = ""):
+        check_db_url(url, create)
+        self.url, self.key_file = url, key_file
         kw: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             kw["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kw.update(pool_size=10, max_overflow=30, pool_pre_ping=True)
-        self.engine = create_engine(url, **kw)
+        try:
+            self.engine = create_engine(url, **kw)
+        except (ArgumentError, NoSuchModuleError) as e:
+            raise ConfigError(f"db={url!r} is not a usable database URL: {e}") from None
         if url.startswith("sqlite"):
             _sqlite_setup(self.engine)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(write=True), expire_on_commit=False)
         if create:
-            Base.metadata.create_all(self.engine)
+            try:
+                Base.metadata.create_all(self.engine)
+                self._upgrade()
+            except OperationalError as e:
+                raise ConfigError(f"db={url}: cannot open the database: {e.orig}") from None
+
+    def _upgrade(self) -> None:
+        """Bring a store made by an older version up to date: the ``disabled`` column, and no signing key left
+        in ``settings`` (it used to live there in plain text; the key now comes from security.load_secret)."""
+        if "disabled" not in {c["name"] for c in inspect(self.engine).get_columns("users")}:
+            with self.write() as s:
+                s.execute(text("ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE"))
+        with self.write() as s:
+            old = s.get(Setting, "secret_key")
+            if old is not None:
+                s.delete(old)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -215,18 +286,8 @@ class Store:
     # -- settings -----------------------------------------------------------
 
     def secret_key(self) -> str:
-        """The cookie-signing key, made once and kept in the database so restarts keep sessions."""
-        with self.read() as s:
-            row = s.get(Setting, "secret_key")
-            if row is not None:
-                return row.value
-        try:
-            with self.write() as s:
-                s.add(Setting(key="secret_key", value=secrets.token_hex(32)))
-        except IntegrityError:
-            pass  # another process made it first
-        with self.read() as s:
-            return s.get(Setting, "secret_key").value
+        """The cookie-signing key; kept outside the database (security.load_secret), stable across restarts."""
+        return load_secret(self.url, self.key_file)
 
     # -- users ----------------------------------------------------------------
 
@@ -236,8 +297,7 @@ class Store:
             raise LabelError(400, "user name must be 1-64 characters")
         if role not in ("admin", "labeler"):
             raise LabelError(400, f"role must be admin or labeler, got {role!r}")
-        if len(password) < 8:
-            raise LabelError(400, "password must be at least 8 characters")
+        _check_password(password)
         try:
             with self.write() as s:
                 u = User(name=name, pw_hash=hash_password(password), role=role, held_out=held_out)
@@ -248,16 +308,75 @@ class Store:
             raise LabelError(409, f"user {name!r} already exists") from None
 
     def authenticate(self, name: str, password: str) -> User | None:
+        """The user, when the password matches and the account is not disabled."""
         with self.read() as s:
             u = s.scalar(select(User).where(User.name == name))
         if u is None:
             verify_password(password, None)  # same work either way: no user-name oracle by timing
             return None
-        return u if verify_password(password, u.pw_hash) else None
+        return u if verify_password(password, u.pw_hash) and not u.disabled else None
 
     def get_user(self, uid: int) -> User | None:
+        if not 1 <= uid <= MAX_ID:
+            return None
         with self.read() as s:
             return s.get(User, uid)
+
+    def set_password(self, uid: int, password: str) -> None:
+        """Set a new password and end every session of the account (a reset locks out whoever had it)."""
+        _check_password(password)
+        with self.write() as s:
+            u = s.get(User, uid) if 1 <= uid <= MAX_ID else None
+            if u is None:
+                raise LabelError(404, f"no user {uid}")
+            u.pw_hash = hash_password(password)
+            _revoke(s, uid)
+
+    def change_own_password(self, uid: int, old: str, new: str, keep_sid: str = "") -> None:
+        """The user's own change: needs the current password; other sessions end, this one stays."""
+        u = self.get_user(uid)
+        if u is None or not verify_password(old, u.pw_hash):
+            raise LabelError(403, "the current password is wrong")
+        _check_password(new)
+        with self.write() as s:
+            s.get(User, uid).pw_hash = hash_password(new)
+            _revoke(s, uid, keep_sid)
+
+    def set_disabled(self, uid: int, disabled: bool) -> None:
+        """Disable (or re-enable) an account; disabling ends its sessions at once."""
+        with self.write() as s:
+            u = s.get(User, uid) if 1 <= uid <= MAX_ID else None
+            if u is None:
+                raise LabelError(404, f"no user {uid}")
+            u.disabled = disabled
+            if disabled:
+                _revoke(s, uid)
+
+    # -- sessions ----------------------------------------------------------------
+
+    def create_session(self, uid: int, seconds: float) -> str:
+        sid = secrets.token_urlsafe(32)
+        now = _now()
+        with self.write() as s:
+            for old in s.scalars(select(AuthSession).where(AuthSession.user_id == uid, AuthSession.expires_at < now)):
+                s.delete(old)  # a login sweeps the account's expired rows: the table does not grow without end
+            s.add(AuthSession(id=sid, user_id=uid, created_at=now, expires_at=now + timedelta(seconds=seconds)))
+        return sid
+
+    def session_user(self, sid: str) -> User | None:
+        """The session's user while the session is live: not revoked, not expired, account not disabled."""
+        with self.read() as s:
+            row = s.get(AuthSession, sid)
+            if row is None or row.revoked or _aware(row.expires_at) <= _now():
+                return None
+            u = s.get(User, row.user_id)
+        return None if u is None or u.disabled else u
+
+    def revoke_session(self, sid: str) -> None:
+        with self.write() as s:
+            row = s.get(AuthSession, sid)
+            if row is not None:
+                row.revoked = True
 
     def users(self) -> list[User]:
         with self.read() as s:
@@ -299,7 +418,7 @@ class Store:
 
     def project(self, pid: int) -> Project:
         with self.read() as s:
-            p = s.get(Project, pid)
+            p = s.get(Project, pid) if 1 <= pid <= MAX_ID else None
         if p is None:
             raise LabelError(404, f"no project {pid}")
         return p
@@ -441,7 +560,7 @@ class Store:
         """Everything a labeler's task page shows. Only the owner may see it (404 otherwise:
         a labeler cannot even learn that another's task exists). Other labelers' answers are never included."""
         with self.read() as s:
-            a = s.get(Assignment, aid)
+            a = s.get(Assignment, aid) if 1 <= aid <= MAX_ID else None
             if a is None or a.labeler_id != uid:
                 raise LabelError(404, f"no task {aid} for you")
             t = s.get(Task, a.task_id)
@@ -469,7 +588,7 @@ class Store:
         """Store one validated answer. 404 if not the caller's, 409 if already submitted."""
         try:
             with self.write() as s:
-                a = s.get(Assignment, aid)
+                a = s.get(Assignment, aid) if 1 <= aid <= MAX_ID else None
                 if a is None or a.labeler_id != uid:
                     raise LabelError(404, f"no task {aid} for you")
                 if a.status == "submitted":
@@ -483,7 +602,7 @@ class Store:
     def hh_add_turn(self, aid: int, uid: int, context: list[dict], a: str, b: str) -> None:
         try:
             with self.write() as s:
-                asg = s.get(Assignment, aid)
+                asg = s.get(Assignment, aid) if 1 <= aid <= MAX_ID else None
                 if asg is None or asg.labeler_id != uid:
                     raise LabelError(404, f"no task {aid} for you")
                 if asg.status == "submitted":
@@ -499,7 +618,7 @@ class Store:
         if choice not in ("a", "b"):
             raise LabelError(400, f"choice must be 'a' or 'b', got {choice!r}")
         with self.write() as s:
-            asg = s.get(Assignment, aid)
+            asg = s.get(Assignment, aid) if 1 <= aid <= MAX_ID else None
             if asg is None or asg.labeler_id != uid:
                 raise LabelError(404, f"no task {aid} for you")
             h = s.scalar(select(HHTurn).where(HHTurn.assignment_id == aid, HHTurn.turn == turn))
