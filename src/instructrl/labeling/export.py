@@ -122,7 +122,7 @@ def export_project(store, pid: int, out: str | Path, labelers: str = "train") ->
     loaders = {"demonstrations": load_demonstrations, "rankings": load_rankings, "pairwise": load_rankings,
                "ratings": load_ratings}
     counts: dict[str, int] = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, legacy=("agreement.json",)) as tmp:
         for kind, splits in recs.items():
             for split, rows in splits.items():
                 path = Path(tmp) / split / f"{kind}.jsonl"
