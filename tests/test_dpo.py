@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from instructrl.io import DataError
 from instructrl.config import ConfigError, load_config
 from instructrl.train.dpo import DPOConfig, train_dpo
 
@@ -111,8 +112,13 @@ def test_resume_with_other_data_is_refused(tiny_model_dir, tmp_path):
     train_dpo(_cfg(tiny_model_dir, data, tmp_path / "run", "train.epochs=1"))
     other = tmp_path / "other.jsonl"
     other.write_text("".join(data.read_text().splitlines(keepends=True)[:3]))
-    with pytest.raises(ConfigError, match="was computed for data="):
+    # another data file: the run folder's config check refuses the resume, naming the key
+    with pytest.raises(DataError, match="data.train"):
         train_dpo(_cfg(tiny_model_dir, other, tmp_path / "run", "train.epochs=1", "resume=true"))
+    # the same path with other rankings in it: the reference cache no longer matches
+    data.write_text(other.read_text())
+    with pytest.raises(ConfigError, match="was computed for"):
+        train_dpo(_cfg(tiny_model_dir, data, tmp_path / "run", "train.epochs=1", "resume=true"))
 
 
 def test_resume_with_no_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):

@@ -346,6 +346,12 @@ def param(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dat
     return dataclasses.field(default=default, metadata=meta)
 
 
+def overwrite_field():
+    """The ``overwrite`` key of a command config (one help text for every command)."""
+    return param(False, "start over in an output_dir that already holds a run; removes only the run's own files "
+                        "(config.yaml, metrics.jsonl, log.txt, checkpoints/, its outputs), never anything else")
+
+
 def get_key(cfg: Any, key: str) -> Any:
     """The value at a dotted key: ``get_key(cfg, "train.lr")``."""
     for part in key.split("."):

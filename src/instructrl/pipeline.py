@@ -77,19 +77,19 @@ PRESETS: dict[str, list[str]] = {
 
 @dataclass
 class PipelineData:
-    seed: int = param(0, "seed for tasks, users, labelers and sampling; stage seeds derive from it")
-    n_users: int = param(400, "simulated users the prompts come from (Zipf-distributed activity)")
-    heldout_user_fraction: float = param(0.2, "share of users whose prompts are used only for evaluation")
+    seed: int = param(0, "seed for tasks, users, labelers and sampling; stage seeds derive from it", min=0, max=2**32 - 1)
+    n_users: int = param(400, "simulated users the prompts come from (Zipf-distributed activity)", min=1)
+    heldout_user_fraction: float = param(0.2, "share of users whose prompts are used only for evaluation", min=0, max=1)
     n_sft_prompts: int = param(128, "prompts with demonstrations (SFT data)")
     n_rm_prompts: int = param(96, "prompts ranked per round (RM data)")
     n_ppo_prompts: int = param(128, "prompts for PPO (no labels needed)")
     n_eval_prompts: int = param(96, "held-out users' prompts for evaluation")
-    k_min: int = param(4, "fewest responses per ranking (paper: 4)")
-    k_max: int = param(6, "most responses per ranking (paper: 9; 6 keeps the default run short)")
-    overlap_fraction: float = param(0.25, "share of rankings also given to a second labeler, for agreement")
-    draft_tokens: int = param(64, "base-model draft length for demonstrations (and the ptx corpus)")
-    n_drafts: int = param(2, "base-model drafts per SFT prompt; the labeler repairs each and keeps its favourite")
-    max_new_tokens: int = param(64, "response length limit when sampling for rankings and in PPO's rollouts")
+    k_min: int = param(4, "fewest responses per ranking (paper: 4)", min=1)
+    k_max: int = param(6, "most responses per ranking (paper: 9; 6 keeps the default run short)", min=1)
+    overlap_fraction: float = param(0.25, "share of rankings also given to a second labeler, for agreement", min=0, max=1)
+    draft_tokens: int = param(64, "base-model draft length for demonstrations (and the ptx corpus)", min=1)
+    n_drafts: int = param(2, "base-model drafts per SFT prompt; the labeler repairs each and keeps its favourite", min=1)
+    max_new_tokens: int = param(64, "response length limit when sampling for rankings and in PPO's rollouts", min=1)
     answer_words: int = param(0, "response budget in words: tasks are drawn so that a compliant answer fits it and "
                                  "labelers write demonstrations to it (a demonstration longer than max_new_tokens "
                                  "teaches the policy to be cut off); 0 = derived, 0.6 x max_new_tokens "
@@ -151,7 +151,7 @@ class PipelineConfig:
     device: str = device_field()
     preset: str = param("default", "default, quick (a few minutes), tiny (tests): overrides of the keys below, "
                                    "applied under yours (docs/pipeline.md has their timings)")
-    rounds: int = param(1, "iterated online rounds: rank -> RM -> PPO repeated on the current policy")
+    rounds: int = param(1, "iterated online rounds: rank -> RM -> PPO repeated on the current policy", min=1)
     only: str = param("", "re-run just this stage (and, for rank/rm/ppo, of round `round`)")
     round: int = param(0, "with only=rank|rm|ppo: which round; 0 = the last")
     resume: bool = param(False, "skip stages already finished in output_dir (PPO resumes from its checkpoints)")
@@ -212,11 +212,11 @@ def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConf
 
 # Per stage, the dotted keys `*_stage_config` sets; setting one yourself is an error (it would be ignored).
 DERIVED = {
-    "sft": ("model", "output_dir", "device", "data.train", "train.precision", "train.seed"),
-    "rm": ("model", "output_dir", "device", "data.train", "data.demonstrations", "train.precision", "train.seed"),
+    "sft": ("model", "output_dir", "device", "overwrite", "data.train", "train.precision", "train.seed"),
+    "rm": ("model", "output_dir", "device", "overwrite", "data.train", "data.demonstrations", "train.precision", "train.seed"),
     "ppo": ("policy", "reference", "reward_model", "prompts", "ptx_data", "out", "seed", "device",
             "rollout.max_new_tokens", "train.precision"),
-    "dpo": ("model", "reference", "output_dir", "device", "data.train", "train.precision", "train.seed"),
+    "dpo": ("model", "reference", "output_dir", "device", "overwrite", "data.train", "train.precision", "train.seed"),
     "eval": ("policies", "baseline", "reference", "tasks", "reward_model", "output_dir", "device", "precision",
              "labeler_seed", "ppo_runs", "pretrain_eval"),
 }
@@ -235,7 +235,8 @@ def _paths(cfg: PipelineConfig) -> tuple[Path, Path]:
 def sft_stage_config(cfg: PipelineConfig, base: str) -> SFTConfig:
     """Stage 3: SFT from the base model on the labelers' demonstrations."""
     out, data_dir = _paths(cfg)
-    return replace_keys(cfg.sft, {"model": base, "output_dir": str(out / "sft"), "device": cfg.device,
+    # the pipeline's state.json says which stages finished: a stage it runs again starts over in its folder
+    return replace_keys(cfg.sft, {"model": base, "output_dir": str(out / "sft"), "device": cfg.device, "overwrite": True,
                                   "data.train": str(data_dir / "demonstrations.jsonl"),
                                   "train.precision": cfg.precision, "train.seed": cfg.data.seed})
 
@@ -250,6 +251,7 @@ def rm_stage_config(cfg: PipelineConfig, sft_dir: Path, output_dir: Path, rankin
                     seed: int) -> RMConfig:
     """Stage 5: the reward model starts from the SFT model (InstructGPT §3.5)."""
     return replace_keys(cfg.rm, {"model": str(sft_dir), "output_dir": str(output_dir), "device": cfg.device,
+                                 "overwrite": True,
                                  "data.train": str(rankings), "data.demonstrations": str(demonstrations),
                                  "train.precision": cfg.precision, "train.seed": seed})
 
@@ -271,7 +273,8 @@ def dpo_stage_config(cfg: PipelineConfig, r: int, policy: str | Path, resume: bo
     out, data_dir = _paths(cfg)
     return replace_keys(cfg.dpo, {
         "model": str(policy), "reference": str(out / "sft" / "model"), "output_dir": str(out / f"round-{r}" / "dpo"),
-        "device": cfg.device, "resume": resume, "data.train": str(data_dir / "rankings_all.jsonl"),
+        "device": cfg.device, "resume": resume, "overwrite": not resume,
+        "data.train": str(data_dir / "rankings_all.jsonl"),
         "train.precision": cfg.precision, "train.seed": cfg.data.seed + r})
 
 

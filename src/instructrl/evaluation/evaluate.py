@@ -52,7 +52,7 @@ from instructrl.tasks.labelers import DEFAULT_NOISE
 class EvalLabelers:
     n_train: int = param(6, "training labelers in the pool (they never judge evaluations)")
     n_heldout: int = param(3, "held-out labelers: the only ones that judge here (InstructGPT §4)")
-    noise: float = param(DEFAULT_NOISE, "labeler noise (gold-score units); the default gives ~73% inter-labeler agreement")
+    noise: float = param(DEFAULT_NOISE, "labeler noise (gold-score units); the default gives ~73% inter-labeler agreement", min=0)
     noise_kind: Literal["gaussian", "gumbel"] = param("gaussian", "labeler noise model (Thurstone or Plackett-Luce)")
 
     def validate(self):
@@ -71,17 +71,17 @@ class EvalConfig:
     reward_model: str = param("", "reward model folder; required (RM-judged win rates, best-of-N)")
     rm_eos: bool = param(True, "the RM scores an answer cut off at max_new_tokens with EOS appended, as PPO's "
                                "rollout.rm_eos does (false = at its last token, as rollout.rm_eos=false)")
-    best_of_n: int = param(0, "N > 0 adds the policy 'best-of-N': N samples from the reference, the RM's favourite kept")
-    n_prompts: int = param(200, "prompts evaluated (a seeded subset of `tasks`); 0 = all")
-    max_new_tokens: int = param(128, "response length limit")
-    max_prompt_tokens: int = param(256, "prompts longer than this are cut from the left")
-    temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T = 1)")
+    best_of_n: int = param(0, "N > 0 adds the policy 'best-of-N': N samples from the reference, the RM's favourite kept", min=0)
+    n_prompts: int = param(200, "prompts evaluated (a seeded subset of `tasks`); 0 = all", min=0)
+    max_new_tokens: int = param(128, "response length limit", min=1)
+    max_prompt_tokens: int = param(256, "prompts longer than this are cut from the left", min=1)
+    temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T = 1)", min=0)
     greedy: bool = param(False, "greedy decoding instead of sampling (then 'KL' is the log-ratio on the greedy answer)")
-    batch_size: int = param(64, "prompts per generation batch (decoding reads every weight once a token, so bigger batches cost little more; docs/evaluation.md)")
-    micro_batch_size: int = param(8, "sequences per forward pass when scoring (KL, RM, pretraining text)")
-    seed: int = param(0, "seed for the prompt subset, sampling, labeler noise and bootstrap")
+    batch_size: int = param(64, "prompts per generation batch (decoding reads every weight once a token, so bigger batches cost little more; docs/evaluation.md)", min=1)
+    micro_batch_size: int = param(8, "sequences per forward pass when scoring (KL, RM, pretraining text)", min=1)
+    seed: int = param(0, "seed for the prompt subset, sampling, labeler noise and bootstrap", min=0, max=2**32 - 1)
     labeler_seed: int = param(0, "seed of LabelerPool.default: the pipeline's data seed, so the held-out labelers "
-                                 "are the same simulated people as in training's pool")
+                                 "are the same simulated people as in training's pool", min=0, max=2**32 - 1)
     labelers: EvalLabelers = param(EvalLabelers(), "the rest of the simulated labeler pool (held-out labelers judge)")
     bootstrap: int = param(1000, "bootstrap resamples for the Elo and alignment-tax intervals")
     ppo_runs: dict[str, str] = param(factory=dict, help="name -> PPO run folder (metrics.jsonl) for reward vs √KL curves")
@@ -91,8 +91,8 @@ class EvalConfig:
     output_dir: str = param("runs/eval", "report.html, report.json, PNGs, responses.jsonl go here")
     device: str = device_field()
     precision: Precision = precision_field()
-    threads: int = param(0, "torch CPU threads; 0 = torch's default")
-    examples: int = param(3, "prompts shown with every policy's answer in the report")
+    threads: int = param(0, "torch CPU threads; 0 = torch's default", min=0)
+    examples: int = param(3, "prompts shown with every policy's answer in the report", min=0)
 
     def validate(self):
         check(bool(self.policies), "policies: give at least one policy, e.g. policies.sft=runs/sft/model")

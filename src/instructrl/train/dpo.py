@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from instructrl.config import ConfigError, check, param
+from instructrl.config import ConfigError, check, overwrite_field, param
 from instructrl.core.losses import dpo_loss, ipo_loss, plackett_luce_dpo_loss, ranking_pairs, sequence_logprobs
 from instructrl.data import Ranking, load_rankings
 from instructrl.formatting import Example, TruncationStats, collate_examples, encode_prompt, encode_response, truncate
@@ -50,8 +50,8 @@ CACHE = "reference_logps.pt"
 @dataclass
 class DPOData:
     train: str = param("", "rankings/pairs JSONL (docs/data-formats.md; HH-RLHF transcripts accepted); required")
-    max_length: int = param(512, "max tokens of prompt + response; longer ones are truncated (prompt from the left)")
-    min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens")
+    max_length: int = param(512, "max tokens of prompt + response; longer ones are truncated (prompt from the left)", min=1)
+    min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens", min=0)
     errors: Literal["raise", "skip"] = param("raise", "bad rows: raise = stop at the first (file:line: field); "
                                                       "skip = leave them out, counted in the log")
 
@@ -65,17 +65,17 @@ class DPOTrain:
     loss: Literal["dpo", "ipo", "listwise"] = param("dpo", "dpo = pairwise (eq. 7), ipo = Azar et al. 2023, "
                                                            "listwise = Plackett-Luce over the whole ranking")
     beta: float = param(0.1, "β: strength of the pull towards the reference (DPO paper: 0.1); IPO's τ")
-    epochs: int = param(1, "passes over the rankings")
-    lr: float = param(1e-6, "peak learning rate (DPO paper: 1e-6)")
-    warmup_ratio: float = param(0.1, "share of optimizer steps in linear warmup")
-    min_lr_ratio: float = param(1.0, "cosine decays to lr * min_lr_ratio; 1 = constant after warmup (the paper)")
-    batch_size: int = param(64, "rankings per optimizer step, over all processes (DPO paper: 64 pairs)")
-    micro_batch_size: int = param(16, "sequences per forward pass in one process; whole rankings are packed")
-    weight_decay: float = param(0.0, "AdamW weight decay")
-    max_grad_norm: float = param(1.0, "gradient clipping norm; 0 disables")
+    epochs: int = param(1, "passes over the rankings", min=1)
+    lr: float = param(1e-6, "peak learning rate (DPO paper: 1e-6)", min=0, min_exclusive=True)
+    warmup_ratio: float = param(0.1, "share of optimizer steps in linear warmup", min=0, max=1)
+    min_lr_ratio: float = param(1.0, "cosine decays to lr * min_lr_ratio; 1 = constant after warmup (the paper)", min=0, max=1)
+    batch_size: int = param(64, "rankings per optimizer step, over all processes (DPO paper: 64 pairs)", min=1)
+    micro_batch_size: int = param(16, "sequences per forward pass in one process; whole rankings are packed", min=1)
+    weight_decay: float = param(0.0, "AdamW weight decay", min=0)
+    max_grad_norm: float = param(1.0, "gradient clipping norm; 0 disables", min=0)
     precision: Precision = precision_field()
-    seed: int = param(0, "seed for shuffling and dropout")
-    save_every: int = param(0, "also checkpoint every N optimizer steps (0 = at the end of each epoch only)")
+    seed: int = param(0, "seed for shuffling and dropout", min=0, max=2**32 - 1)
+    save_every: int = param(0, "also checkpoint every N optimizer steps (0 = at the end of each epoch only)", min=0)
 
     def validate(self):
         check(self.beta > 0 and math.isfinite(self.beta), "train.beta must be a finite number > 0")
@@ -95,6 +95,7 @@ class DPOConfig:
                                         "checkpoints/, model/, summary.json")
     device: str = device_field()
     resume: bool = param(False, "continue from the latest checkpoint in output_dir (needs its reference_logps.pt)")
+    overwrite: bool = overwrite_field()
     data: DPOData = param(DPOData(), "comparison data")
     train: DPOTrain = param(DPOTrain(), "optimisation")
 
@@ -285,11 +286,11 @@ def train_dpo(cfg: DPOConfig) -> Path:
     tc = cfg.train
     accelerator = setup_accelerator(rt, tc.batch_size)
     set_seed(tc.seed)
-    run = RunDir(cfg.output_dir, is_main=accelerator.is_main_process)
+    run = RunDir.start(cfg.output_dir, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+                       outputs=("model", "reference_logps.pt"), is_main=accelerator.is_main_process)
     ckpt = latest_checkpoint(run.checkpoints) if cfg.resume else None
     if cfg.resume and ckpt is None:
         raise ConfigError(f"resume: no checkpoint in {run.checkpoints}; start without --resume")
-    run.save_config(cfg)
 
     # 2. data + 3. reference log-probs ---------------------------------------
     tok = load_tokenizer(cfg.model)

@@ -40,8 +40,8 @@ from typing import Literal
 
 import torch
 
-from instructrl.config import check, param
-from instructrl.data import Demonstration, Ranking, load_demonstrations, load_rankings
+from instructrl.config import check, overwrite_field, param
+from instructrl.data import Demonstration, Ranking, load_demonstrations, load_rankings, require_rows
 from instructrl.plots import plot_calibration
 from instructrl.rm_metrics import calibration_bins, comparison_metrics, comparison_table, format_metrics
 from instructrl.formatting import TruncationStats, build_example, encode_prompt, encode_response, pad, truncate
@@ -196,12 +196,12 @@ def normalize_bias(model, tokenizer, demos: list[Demonstration], max_length: int
 class RMData:
     train: str = param("", "rankings/pairs JSONL (docs/data-formats.md; HH-RLHF transcripts accepted); required")
     val: str = param("", "held-out rankings JSONL; empty = hold out val_fraction of train")
-    val_fraction: float = param(0.05, "share of train rankings held out for evaluation when val is empty")
+    val_fraction: float = param(0.05, "share of train rankings held out for evaluation when val is empty", min=0, max=1)
     demonstrations: str = param("", "demonstrations JSONL (the SFT data) for the bias normalization; "
                                     "empty = no normalization (bias stays 0, logged)")
     max_demonstrations: int = param(1024, "at most this many demonstrations are scored for the bias (0 = all)")
-    max_length: int = param(512, "max tokens of prompt + response; longer ones are truncated (prompt from the left)")
-    min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens")
+    max_length: int = param(512, "max tokens of prompt + response; longer ones are truncated (prompt from the left)", min=1)
+    min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens", min=0)
     errors: Literal["raise", "skip"] = param("raise", "bad rows: raise = stop at the first (file:line: field); "
                                                       "skip = leave them out, counted in the log")
 
@@ -213,17 +213,17 @@ class RMData:
 
 @dataclass
 class RMTrain:
-    epochs: int = param(1, "passes over the rankings (paper: 1; the RM overfits after one)")
-    lr: float = param(9e-6, "peak learning rate (paper, 6B RM: 9e-6)")
-    warmup_ratio: float = param(0.0, "share of optimizer steps in linear warmup")
-    min_lr_ratio: float = param(0.1, "cosine decays to lr * min_lr_ratio (paper: 10% of the initial value)")
-    batch_size: int = param(64, "rankings per optimizer step, over all processes (paper: 64)")
-    micro_batch_size: int = param(16, "sequences per forward pass in one process; whole rankings are packed")
-    weight_decay: float = param(0.0, "AdamW weight decay")
-    max_grad_norm: float = param(1.0, "gradient clipping norm; 0 disables")
+    epochs: int = param(1, "passes over the rankings (paper: 1; the RM overfits after one)", min=1)
+    lr: float = param(9e-6, "peak learning rate (paper, 6B RM: 9e-6)", min=0, min_exclusive=True)
+    warmup_ratio: float = param(0.0, "share of optimizer steps in linear warmup", min=0, max=1)
+    min_lr_ratio: float = param(0.1, "cosine decays to lr * min_lr_ratio (paper: 10% of the initial value)", min=0, max=1)
+    batch_size: int = param(64, "rankings per optimizer step, over all processes (paper: 64)", min=1)
+    micro_batch_size: int = param(16, "sequences per forward pass in one process; whole rankings are packed", min=1)
+    weight_decay: float = param(0.0, "AdamW weight decay", min=0)
+    max_grad_norm: float = param(1.0, "gradient clipping norm; 0 disables", min=0)
     precision: Precision = precision_field()
-    trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm + head); -1 = all")
-    seed: int = param(0, "seed for the split, shuffling and the head initialisation")
+    trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm + head); -1 = all", min=-1)
+    seed: int = param(0, "seed for the split, shuffling and the head initialisation", min=0, max=2**32 - 1)
     log_every: int = param(1, "write a metrics row every N optimizer steps")
 
     def validate(self):
@@ -240,6 +240,7 @@ class RMTrain:
 class RMConfig:
     model: str = param("default", "the SFT model (causal LM folder) the RM starts from; 'default' = embedded SmolLM2")
     output_dir: str = param("runs/rm", "run folder: config.yaml, metrics.jsonl, log.txt, model/, eval.json, calibration.png")
+    overwrite: bool = overwrite_field()
     device: str = device_field()
     data: RMData = param(RMData(), "comparison data")
     train: RMTrain = param(RMTrain(), "optimisation")
@@ -290,14 +291,15 @@ def train_rm(cfg: RMConfig) -> Path:
     tc, dc = cfg.train, cfg.data
     accelerator = setup_accelerator(rt)
     set_seed(tc.seed)
-    run = RunDir(cfg.output_dir, is_main=accelerator.is_main_process)
-    run.save_config(cfg)
+    run = RunDir.start(cfg.output_dir, cfg, overwrite=cfg.overwrite,
+                       outputs=("model", "eval.json", "calibration.png"),
+                       is_main=accelerator.is_main_process)
     dev = rt.device
     autocast = rt.autocast
 
     # 2. data --------------------------------------------------------------
     tok = load_tokenizer(cfg.model)
-    rankings = _load_rankings_counted(dc.train, dc.errors, run.info)
+    rankings = require_rows(_load_rankings_counted(dc.train, dc.errors, run.info), dc.train, "ranking")
     if dc.val:
         train_r, val_r = rankings, _load_rankings_counted(dc.val, dc.errors, run.info)
     elif dc.val_fraction > 0 and len(rankings) > 1:

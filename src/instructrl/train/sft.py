@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from instructrl.config import check, param
+from instructrl.config import check, overwrite_field, param
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.data import Demonstration, load_demonstrations
 from instructrl.formatting import Example, TruncationStats, build_example, collate_examples
@@ -46,9 +46,9 @@ from instructrl.train.common import (accumulate, check_trainable, cosine_schedul
 class SFTData:
     train: str = param("", "demonstrations JSONL (docs/data-formats.md); required")
     val: str = param("", "validation demonstrations JSONL; empty = hold out val_fraction of train")
-    val_fraction: float = param(0.1, "share of train held out for validation when val is empty")
-    max_length: int = param(512, "max tokens of prompt + response; longer examples are truncated (prompt from the left)")
-    min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens")
+    val_fraction: float = param(0.1, "share of train held out for validation when val is empty", min=0, max=1)
+    max_length: int = param(512, "max tokens of prompt + response; longer examples are truncated (prompt from the left)", min=1)
+    min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens", min=0)
 
     def validate(self):
         check(bool(self.train), "data.train: a demonstrations file is required (data.train=PATH)")
@@ -58,22 +58,22 @@ class SFTData:
 
 @dataclass
 class SFTTrain:
-    epochs: int = param(16, "passes over the demonstrations (paper: 16)")
-    lr: float = param(1e-5, "peak learning rate")
-    warmup_ratio: float = param(0.03, "share of optimizer steps spent in linear warmup")
-    min_lr_ratio: float = param(0.0, "cosine decays to lr * min_lr_ratio")
-    batch_size: int = param(8, "global batch: sequences per optimizer step, over all processes")
-    micro_batch_size: int = param(8, "sequences per forward pass in one process (memory knob)")
-    weight_decay: float = param(0.0, "AdamW weight decay")
-    max_grad_norm: float = param(1.0, "gradient clipping norm; 0 disables")
+    epochs: int = param(16, "passes over the demonstrations (paper: 16)", min=1)
+    lr: float = param(1e-5, "peak learning rate", min=0, min_exclusive=True)
+    warmup_ratio: float = param(0.03, "share of optimizer steps spent in linear warmup", min=0, max=1)
+    min_lr_ratio: float = param(0.0, "cosine decays to lr * min_lr_ratio", min=0, max=1)
+    batch_size: int = param(8, "global batch: sequences per optimizer step, over all processes", min=1)
+    micro_batch_size: int = param(8, "sequences per forward pass in one process (memory knob)", min=1)
+    weight_decay: float = param(0.0, "AdamW weight decay", min=0)
+    max_grad_norm: float = param(1.0, "gradient clipping norm; 0 disables", min=0)
     # The paper's 0.2 suits a model pretrained with dropout. SmolLM2 was not: switching 0.2 on raised
     # its loss on our demonstrations from 3.50 to 11.17 nats/token (measured), i.e. it erased the
     # pretrained model. So the default is off; set 0.1-0.2 for models pretrained with dropout.
-    residual_dropout: float = param(0.0, "dropout on each attention and MLP output before the residual add (paper: 0.2; see comment)")
+    residual_dropout: float = param(0.0, "dropout on each attention and MLP output before the residual add (paper: 0.2; see comment)", min=0, max=1)
     precision: Precision = precision_field()
-    seed: int = param(0, "seed for shuffling, dropout and initialisation")
+    seed: int = param(0, "seed for shuffling, dropout and initialisation", min=0, max=2**32 - 1)
     train_prompt: bool = param(False, "also train on prompt tokens (the paper trains on responses only)")
-    trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm); -1 = all (the paper)")
+    trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm); -1 = all (the paper)", min=-1)
 
     def validate(self):
         check(self.epochs >= 1, "train.epochs must be >= 1")
@@ -90,8 +90,8 @@ class SFTSelect:
         "val_loss", "how the final epoch is chosen: lowest validation loss, or highest mean RM score (the paper's way)"
     )
     reward_model: str = param("", "reward model folder, needed for metric=rm_score")
-    num_prompts: int = param(32, "validation prompts sampled per checkpoint for metric=rm_score")
-    max_new_tokens: int = param(64, "response length limit when sampling for metric=rm_score")
+    num_prompts: int = param(32, "validation prompts sampled per checkpoint for metric=rm_score", min=1)
+    max_new_tokens: int = param(64, "response length limit when sampling for metric=rm_score", min=1)
 
     def validate(self):
         check(self.metric != "rm_score" or bool(self.reward_model),
@@ -102,6 +102,7 @@ class SFTSelect:
 class SFTConfig:
     model: str = param("default", "base model: 'default' (embedded SmolLM2-135M-Instruct), a folder, or a hub id")
     output_dir: str = param("runs/sft", "run folder: config.yaml, metrics.jsonl, log.txt, checkpoints/, model/")
+    overwrite: bool = overwrite_field()
     device: str = device_field()
     data: SFTData = param(SFTData(), "demonstration data")
     train: SFTTrain = param(SFTTrain(), "optimisation")
@@ -209,8 +210,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     tc = cfg.train
     accelerator = setup_accelerator(rt, tc.batch_size)
     set_seed(tc.seed)
-    run = RunDir(cfg.output_dir, is_main=accelerator.is_main_process)
-    run.save_config(cfg)
+    run = RunDir.start(cfg.output_dir, cfg, overwrite=cfg.overwrite, outputs=("model", "selection.json"),
+                       is_main=accelerator.is_main_process)
     dev = rt.device
 
     # 2. data --------------------------------------------------------------
