@@ -30,7 +30,7 @@ def main() -> None:
     from instructrl.evaluation.evaluate import EvalConfig, run_eval
     from instructrl.io import write_jsonl
     from instructrl.models import load_tokenizer
-    from instructrl.train.ppo import drop_stale_quantization
+    from instructrl.models import drop_stale_quantization
     from instructrl.reward_model import init_reward_model, save_reward_model
     from instructrl.tasks import generate_tasks, save_tasks
 

@@ -57,7 +57,7 @@ def prepare(steps: int) -> tuple[Path, Path]:
         write_jsonl(prompts, (prompt_row(PromptRecord(r.id, r.messages)) for r in rankings))
     rm = WORK / "rm"
     if not (rm / "config.json").exists():
-        from instructrl.train.ppo import drop_stale_quantization
+        from instructrl.models import drop_stale_quantization
 
         save_reward_model(drop_stale_quantization(init_reward_model(None)), load_tokenizer(None), rm)
     return prompts, rm
@@ -77,7 +77,7 @@ def run_ours(precision: str, steps: int, prompts: Path, rm: Path) -> dict:
     out = WORK / f"ours-{precision}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(PPOConfig, None, [
-        f"prompts={prompts}", f"reward_model={rm}", f"out={out}", f"steps={steps}",
+        f"prompts={prompts}", f"reward_model={rm}", f"output_dir={out}", f"steps={steps}",
         f"rollout.batch_size={BATCH}", f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.max_prompt_tokens={MAX_PROMPT}",
         f"train.minibatch_size={BATCH}", f"train.micro_batch_size={MICRO}", "train.epochs=1",
         f"train.precision={precision}", "kl.coef=0.02", f"run.checkpoint_every={steps + 1}",

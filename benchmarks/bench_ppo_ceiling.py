@@ -3,8 +3,8 @@
     flock /tmp/instructrl-heavy.lock python benchmarks/bench_ppo_ceiling.py --run RUN [--scale 5] [PPO overrides...]
 
 RUN (default runs/pipeline) is a finished `instructrl pipeline` run folder. This trains one PPO policy
-exactly as the run's stage 6 did (same SFT start and reference, prompts, steps, batch, learning rate,
-β, trainable layers, precision; the value model starts from the run's round-1 RM), except that the
+exactly as the run's stage 6 did (``pipeline.ppo_stage_config``: same SFT start and reference, prompts,
+every ppo.* setting, precision; the value model starts from the run's round-1 RM), except that the
 reward of a response is ``scale × gold_score`` - what the simulated labelers reward, without their
 noise and without any reward model in between. Extra arguments are `instructrl ppo` overrides
 (e.g. ``steps=32 train.lam=1.0``). It then evaluates SFT against that policy on the run's held-out
@@ -18,7 +18,6 @@ Writes RUN/ppo-ceiling-<overrides>/ (the PPO run) and RUN/ppo-ceiling-<overrides
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -38,31 +37,24 @@ def main() -> None:
 
     import torch
 
-    from instructrl.config import load_config
-    from instructrl.evaluation.evaluate import EvalConfig, run_eval
+    from instructrl.config import replace_keys, with_overrides
+    from instructrl.evaluation.evaluate import run_eval
     from instructrl.formatting import encode_prompt
     from instructrl.generation import decode_responses
     from instructrl.models import load_tokenizer
-    from instructrl.pipeline import load_pipeline_config
-    from instructrl.train.ppo import PPOConfig, train_ppo
+    from instructrl.pipeline import eval_stage_config, load_pipeline_config, ppo_stage_config
+    from instructrl.train.ppo import train_ppo
     from instructrl.tasks import load_tasks
     from instructrl.tasks.constraints import gold_score
 
     cfg = load_pipeline_config(str(run / "config.yaml"), [])
-    d, c = cfg.data, cfg.ppo
     sft = run / "sft" / "model"
     tok = load_tokenizer(sft)
     name = "ppo-ceiling" + "".join("-" + o.replace("=", "").replace(".", "_") for o in args.overrides)
     out = run / name
-    ppo_cfg = load_config(PPOConfig, None, [
-        f"policy={sft}", f"reference={sft}", f"reward_model={run / 'round-1' / 'rm' / 'model'}",
-        f"prompts={run / 'data' / 'ppo_tasks.jsonl'}", f"out={out}", f"steps={c.steps}",
-        f"seed={d.seed + 1}", f"rollout.batch_size={c.batch_size}", f"rollout.max_new_tokens={d.max_new_tokens}",
-        f"train.minibatch_size={c.minibatch_size}", f"train.lr={c.lr}", f"kl.coef={c.kl_coef}",
-        f"train.precision={cfg.precision}", f"train.trainable_layers={c.trainable_layers}",
-        f"train.epochs={c.epochs}", f"train.warmup_steps={c.warmup_steps}",
-        f"train.advantage={c.advantage}", f"rollout.samples_per_prompt={c.samples_per_prompt}",
-        *c.extra, *args.overrides])
+    # stage 6 of round 1 exactly as the pipeline ran it (plain PPO from SFT), in its own folder
+    ppo_cfg = with_overrides(replace_keys(ppo_stage_config(cfg, "ppo", 1, sft), {"output_dir": str(out)}),
+                             list(args.overrides))
 
     # The rollout hands the reward function token ids: the prompt's ids identify its task.
     tasks = load_tasks(run / "data" / "ppo_tasks.jsonl")
@@ -79,13 +71,9 @@ def main() -> None:
 
     if not (out / "policy").exists():
         train_ppo(ppo_cfg, reward_fn=gold_reward)
-    policies = {"sft": str(sft), name: str(out / "policy")}
-    ev = load_config(EvalConfig, None, [
-        f"policies={json.dumps(policies)}", "baseline=sft", f"reference={sft}",
-        f"tasks={run / 'data' / 'eval_tasks.jsonl'}", f"reward_model={run / 'round-1' / 'rm' / 'model'}",
-        "best_of_n=0", f"max_new_tokens={cfg.eval.max_new_tokens}", "bootstrap=200",
-        f"output_dir={run / (name + '-eval')}", f"precision={cfg.precision}", f"labeler_seed={d.seed}",
-        f"ppo_runs={json.dumps({name: str(out)})}"])
+    ev = replace_keys(eval_stage_config(cfg, str(sft), {}), {
+        "policies": {"sft": str(sft), name: str(out / "policy")}, "reward_model": str(run / "round-1" / "rm" / "model"),
+        "best_of_n": 0, "bootstrap": 200, "output_dir": str(run / (name + "-eval")), "ppo_runs": {name: str(out)}})
     run_eval(ev)
 
 

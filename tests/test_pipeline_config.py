@@ -23,7 +23,7 @@ def _stage_paths(cfg: PipelineConfig) -> list[str]:
     ppo = ppo_stage_config(cfg, "ppo_ptx", 1, cfg.model)
     ev = eval_stage_config(cfg, cfg.model, {"ppo_ptx": f"{cfg.output_dir}/round-1/ppo_ptx/policy"})
     return [sft.model, sft.output_dir, sft.data.train, rm.model, rm.output_dir, rm.data.train, rm.data.demonstrations,
-            ppo.policy, ppo.reference, ppo.reward_model, ppo.prompts, ppo.ptx_data, ppo.out, ev.tasks,
+            ppo.policy, ppo.reference, ppo.reward_model, ppo.prompts, ppo.ptx_data, ppo.output_dir, ev.tasks,
             ev.reward_model, ev.output_dir, ev.reference, ev.pretrain_eval, *ev.policies.values(), *ev.ppo_runs.values()]
 
 
@@ -84,6 +84,6 @@ def test_with_overrides_applies_text_on_top_of_a_derived_stage_config():
     from instructrl.config import with_overrides
 
     cfg = load_pipeline_config(None, [f"output_dir={AWKWARD}"])
-    ppo = with_overrides(ppo_stage_config(cfg, "ppo", 1, "m"), ["train.lr=1e-4", f"out={AWKWARD}/ceiling #3"])
-    assert ppo.train.lr == 1e-4 and ppo.out == f"{AWKWARD}/ceiling #3"
+    ppo = with_overrides(ppo_stage_config(cfg, "ppo", 1, "m"), ["train.lr=1e-4", f"output_dir={AWKWARD}/ceiling #3"])
+    assert ppo.train.lr == 1e-4 and ppo.output_dir == f"{AWKWARD}/ceiling #3"
     assert ppo.prompts == f"{AWKWARD}/data/ppo_tasks.jsonl" and ppo.train.advantage == "rloo"

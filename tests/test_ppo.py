@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from instructrl.config import ConfigError, load_config
-from instructrl.train.ppo import KILL_ENV, PPOConfig, micro_batches, stream_indices, train_ppo
+from instructrl.scoring import micro_batches
+from instructrl.train.ppo import KILL_ENV, PPOConfig, train_ppo
+from instructrl.train.ppo_phases import stream_indices
 from instructrl.rollout import sample
 
 PROMPTS = ["write a poem", "hello world", "answer in three words", "use a numbered list",
@@ -34,7 +36,7 @@ def prompts_file(tmp_path):
 
 def tiny_cfg(tiny_model_dir, prompts_file, out, *extra):
     return load_config(PPOConfig, None, [
-        f"policy={tiny_model_dir}", f"prompts={prompts_file}", f"out={out}", "rollout.batch_size=16",
+        f"policy={tiny_model_dir}", f"prompts={prompts_file}", f"output_dir={out}", "rollout.batch_size=16",
         "rollout.max_new_tokens=16", "train.minibatch_size=8", "train.micro_batch_size=8", "train.lr=1e-2",
         "train.value_lr=3e-3", "train.warmup_steps=0", "train.precision=fp32", *extra])
 
@@ -273,7 +275,8 @@ def test_sampling_respects_left_padding_and_eos(tiny_model_dir, tiny_tokenizer):
 def test_sampling_logprobs_equal_a_fresh_forward(tiny_model_dir, tiny_tokenizer):
     """old_logprobs=sampling reuses the sampler's logits: they must match the recomputed ones (fp32)."""
     from instructrl.models import load_causal_lm
-    from instructrl.train.ppo import gather_logprobs, response_logits, window
+    from instructrl.core.tensors import gather_logprobs
+    from instructrl.scoring import response_logits, window
     from instructrl.core import rl_math
 
     model = load_causal_lm(str(tiny_model_dir)).eval()
@@ -294,7 +297,8 @@ def test_sampling_logprobs_equal_a_fresh_forward(tiny_model_dir, tiny_tokenizer)
 def test_rm_scores_a_cut_off_response_with_eos_appended(tiny_model_dir, tiny_tokenizer):
     """rollout.rm_eos: a truncated row is scored as prompt + response + EOS (what the RM was trained on);
     a row that ended is scored exactly as before."""
-    from instructrl.train.ppo import append_eos, window
+    from instructrl.core.tensors import append_eos
+    from instructrl.scoring import window
     from instructrl.models import load_causal_lm
     from instructrl.reward_model import init_reward_model, score
 
@@ -375,7 +379,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tiny_model_dir, pro
 
     def write_cfg(out):
         cfg = {"policy": str(tiny_model_dir), "reward_model": str(rm), "prompts": str(prompts_file),
-               "ptx_data": str(ptx), "out": str(out), "steps": 5, "seed": 1,
+               "ptx_data": str(ptx), "output_dir": str(out), "steps": 5, "seed": 1,
                "rollout": {"batch_size": 8, "max_new_tokens": 8},
                "kl": {"adaptive": True, "target": 1.0, "horizon": 100},
                "train": {"minibatch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "value_lr": 1e-3,
@@ -432,7 +436,8 @@ def test_shared_frozen_blocks_are_found_and_the_split_forward_is_the_full_forwar
     and frozen; running them once (lower_hidden) and the rest on that state gives the full forward."""
     from instructrl.models import (build_tiny_model, decoder_blocks, freeze_lower_layers, load_causal_lm,
                                    lower_hidden, shared_frozen_blocks)
-    from instructrl.train.ppo import append_eos, response_logits, window
+    from instructrl.core.tensors import append_eos
+    from instructrl.scoring import response_logits, window
     from instructrl.reward_model import init_reward_model, score, token_values
 
     path = build_tiny_model(tmp_path / "m3", layers=3)

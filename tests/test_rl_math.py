@@ -198,7 +198,7 @@ def test_ptx_term_and_mix():
 
 def test_entropy_and_fused_logprobs_entropy():
     """Uniform over 4 tokens: entropy log 4, log p = -log 4; the fused version equals the two separate passes."""
-    from instructrl.train.ppo import gather_logprobs
+    from instructrl.core.tensors import gather_logprobs
     from instructrl.core.rl_math import entropy_from_logits, logprobs_and_entropy
 
     lp, ent = logprobs_and_entropy(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]))

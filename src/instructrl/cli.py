@@ -120,7 +120,7 @@ def _log_error_in_run_folder(cfg, err: Exception) -> None:
     """A run that stops on bad input says why in its own log.txt, not only on stderr."""
     from instructrl.io import RunDir
 
-    folder = getattr(cfg, "output_dir", None) or getattr(cfg, "out", None)
+    folder = getattr(cfg, "output_dir", None)
     if folder and (Path(folder) / "log.txt").exists():  # never create a run folder just to hold the error
         RunDir(folder).log.error(str(err))
 

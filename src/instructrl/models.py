@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +135,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _hub_error(name: str, e: Exception) -> ModelLoadError:
+def hub_error(name: str, e: Exception) -> ModelLoadError:
     first = str(e).splitlines()[0] if str(e) else ""
     if Path(name).is_dir():  # a local folder that exists but does not load: say so, not "hub"
         return ModelLoadError(f"could not load the model folder {name}: {type(e).__name__}: {first}")
@@ -157,7 +155,7 @@ def load_tokenizer(name_or_path: str | None, padding_side: str = "right"):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise _hub_error(path, e) from None
+        raise hub_error(path, e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
@@ -171,7 +169,7 @@ def load_causal_lm(name_or_path: str | None, dtype: torch.dtype = torch.float32)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise _hub_error(path, e) from None
+        raise hub_error(path, e) from None
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -261,6 +259,22 @@ def make_adamw(params: list, lr: float, weight_decay: float = 0.0) -> torch.opti
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def drop_stale_quantization(model):
+    """Forget a ``quantization_config`` left in a loaded model's config by the GGUF conversion.
+
+    The converted default model holds plain fp32 weights, but an older conversion's config
+    still says ``quant_method: gguf``, which makes ``save_pretrained`` refuse to save.
+    """
+    if getattr(model.config, "quantization_config", None) is not None:
+        q = model.config.quantization_config
+        method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+        if str(getattr(method, "value", method)) == "gguf":
+            del model.config.quantization_config
+            model.hf_quantizer = None
+            model.is_quantized = False
+    return model
 
 
 def decoder(model):

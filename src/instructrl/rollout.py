@@ -93,8 +93,11 @@ class Rollout:
 
 
 
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
     """Draw one index per row from softmax(logits) by inverting the CDF.
+
+    ``generator``: one RNG for the batch, or one per row (then a row's draw does not depend
+    on which other rows share its batch: PPO's episodes sample alike on any process).
 
     logits: [B, V] (``-inf`` = excluded) -> [B] long. Exactly the categorical
     distribution, like ``torch.multinomial``, but it draws B uniforms instead of
@@ -103,7 +106,10 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torc
     The CDF is accumulated in float64 so tail tokens keep their probability.
     """
     cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device)
+    if isinstance(generator, torch.Generator):
+        u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device)
+    else:
+        u = torch.cat([torch.rand(1, 1, generator=g, dtype=torch.float64, device=logits.device) for g in generator])
     # the first index whose CDF exceeds u; zero-probability tokens never are (CDF flat there)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
     return idx.clamp_(max=logits.shape[-1] - 1)
@@ -114,7 +120,7 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torc
 @torch.no_grad()
 def sample(
     model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-    generator: torch.Generator, temperature: float = 1.0, top_k: int = 0,
+    generator: torch.Generator | list[torch.Generator], temperature: float = 1.0, top_k: int = 0,
     autocast_dtype: torch.dtype | None = None, return_logprobs: bool = False,
 ) -> Generation:
     """Sample one response per prompt with a KV cache; stop each row at EOS.
@@ -122,8 +128,8 @@ def sample(
     Left padding keeps every row's next token in the last column, so one cache
     serves the whole batch. The prompt is pre-filled in one forward that
     computes logits for its last position only. Sampling draws from
-    ``generator`` (its own RNG stream, checkpointed with the run), not from
-    torch's global one. Rows that finished keep receiving ``pad_id``; the loop
+    ``generator`` (its own RNG stream, or one per row), not from torch's
+    global one. Rows that finished keep receiving ``pad_id``; the loop
     stops as soon as every row has emitted EOS.
 
     Missing-EOS rule: a response that reaches ``max_new_tokens`` without EOS is

@@ -1,0 +1,625 @@
+"""The phases of a PPO step, each a function with a typed record in and out (``train_ppo`` calls them in order).
+
+    load_models        policy, reference, reward model, value model (+ shared frozen blocks)
+    load_data          prompt token ids and the PPO-ptx pretraining texts
+    make_optimisers    Adam + LR warm-up for policy and value model, the KL controller
+    step_prompts       which prompts this step samples (a seeded endless stream; groups of k adjacent)
+    generate_trajectory  sample the responses (one RNG stream per episode, so any split over processes
+                       samples the same tokens)
+    score_trajectory   old and reference log-probs, values, RM scores — no gradients
+    compute_advantages KL-shaped rewards, GAE or RLOO, whitening — over the global batch
+    ppo_update         PPO epochs over minibatches: clipped policy loss (+ γ·ptx), clipped value loss
+    metrics_row / save_checkpoint / restore
+
+Several processes (torchrun / accelerate launch, see :class:`Dist`): each samples and scores its
+contiguous share of the global batch; the per-token scalars (mask, log-probs, values, scores) are
+gathered so that advantages, whitening, the KL controller and the metrics see the global batch;
+in an update each process back-propagates the rows of the global minibatch it holds, normalised
+by the global token count, and the gradients are summed across processes once per optimizer
+step. One process and N processes therefore take the same steps (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from instructrl.config import ConfigError
+from instructrl.core import rl_math
+from instructrl.core.losses import ppo_policy_loss, ppo_value_loss, ptx_loss
+from instructrl.core.tensors import append_eos, gather_logprobs
+from instructrl.rollout import Generation, Rollout, sample
+from instructrl.runtime import Runtime
+from instructrl.scoring import micro_batches, response_logits, response_values, window
+
+# A scripted reward for tests and experiments: (query [B,P], response [B,R], response_mask [B,R]) -> scores [B].
+RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """This process's place among ``world`` processes; one process needs no torch.distributed.
+
+    Process ``rank`` holds the rows ``rank*b .. (rank+1)*b`` of every global batch of ``world*b`` rows.
+    """
+
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def local_rows(self, global_batch: int) -> slice:
+        b = global_batch // self.world
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's [b, ...] rows, concatenated in rank order -> [world*b, ...]; dim 1 zero-padded."""
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+
+        if x.dim() >= 2:  # responses have different widths on different processes
+            width = torch.tensor([x.shape[1]], device=x.device)
+            dist.all_reduce(width, op=dist.ReduceOp.MAX)
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, int(width) - x.shape[1]))
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, 0)
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum over processes of a few floats."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients over processes in one flat all-reduce (one sync per optimizer step)."""
+        if self.world == 1 or not params:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset: offset + n].view_as(g).to(g.dtype)
+            offset += n
+
+    def gather_objects(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def make_dist(cfg, rt: Runtime) -> Dist:
+    """One process, or the process group torchrun / accelerate launch started (set up by accelerate)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    from instructrl.train.common import setup_accelerator
+
+    acc = setup_accelerator(rt)
+    d = Dist(acc.num_processes, acc.process_index)
+    B, k = cfg.rollout.batch_size, cfg.rollout.samples_per_prompt
+    if B % d.world or (B // d.world) % k:
+        raise ConfigError(f"rollout.batch_size={B} must split over the {d.world} processes into shares that are "
+                          f"whole groups of rollout.samples_per_prompt={k} (an RLOO group never spans processes)")
+    return d
+
+
+# ---------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    """Everything with weights. ``rm`` is None under a scripted reward, ``value`` None under RLOO."""
+
+    tok: object
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    rm: torch.nn.Module | None
+    value: torch.nn.Module | None
+    share: int = 0  # lower blocks shared (frozen, equal) by every model, run once per sequence
+    train_attention: str | None = None
+
+    @property
+    def trained(self) -> list[torch.nn.Module]:
+        return [m for m in (self.policy, self.value) if m is not None]
+
+    @property
+    def eos_id(self) -> int:
+        return self.tok.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id
+
+
+def load_models(cfg, rt: Runtime, ckpt: Path | None, scripted_reward: bool) -> Models:
+    """Policy (trained), reference (frozen SFT), reward (frozen), value (trained, initialised from the RM).
+
+    A resumed run loads the trained policy and value model from its checkpoint; the rest from the config.
+    """
+    from instructrl.models import (drop_stale_quantization, freeze_lower_layers, load_causal_lm, load_tokenizer,
+                                   resolve_model, shared_frozen_blocks)
+    from instructrl.reward_model import init_reward_model, load_reward_model
+
+    tc = cfg.train
+    torch.manual_seed(cfg.seed)  # a fresh value head is drawn from the global RNG: same seed, same head
+    policy_path = resolve_model(cfg.policy or None)
+    tok = load_tokenizer(policy_path)
+    policy = load_causal_lm(str(ckpt / "policy") if ckpt else policy_path)
+    ref = load_causal_lm(resolve_model(cfg.reference) if cfg.reference else policy_path).eval().requires_grad_(False)
+    rm = None if scripted_reward else load_reward_model(cfg.reward_model).eval().requires_grad_(False)
+    value = None
+    if tc.advantage == "gae":  # rloo needs no value model
+        if ckpt:
+            value = load_reward_model(ckpt / "value")
+        elif cfg.value_model or cfg.reward_model:
+            value = load_reward_model(cfg.value_model or cfg.reward_model)
+        else:  # a scripted reward has no weights: a fresh scalar head on the SFT trunk
+            value = init_reward_model(policy_path)
+    models = Models(tok, policy, ref, rm, value)
+    for m in (policy, ref, rm, value):
+        if m is not None:
+            m.to(rt.device)
+    for m in models.trained:
+        drop_stale_quantization(m)
+        freeze_lower_layers(m, tc.trainable_layers)
+    if tc.share_frozen_blocks and tc.trainable_layers >= 0:
+        models.share = shared_frozen_blocks([m for m in (policy, ref, rm, value) if m is not None], models.trained)
+    models.train_attention = {"model": None, "auto": None}.get(tc.attention, tc.attention)
+    if tc.attention == "auto" and rt.amp_dtype is not None and rt.device.type == "cpu":
+        models.train_attention = "eager"  # the fused kernel's bf16 backward is slow on CPU (docs/ppo.md)
+    return models
+
+
+@dataclass
+class PPOData:
+    prompt_ids: list[list[int]]  # chat-formatted, cut from the left to rollout.max_prompt_tokens
+    ptx_ids: list[list[int]]  # pretraining texts (PPO-ptx); empty = plain PPO
+    prompts_cut: int = 0
+
+
+def load_data(cfg, tok) -> PPOData:
+    from instructrl.data import load_prompts, load_text_corpus, require_rows
+    from instructrl.formatting import TruncationStats, encode_prompt_for_sampling
+
+    records = require_rows(load_prompts(cfg.prompts), cfg.prompts, "prompts")
+    trunc = TruncationStats()
+    prompt_ids = [encode_prompt_for_sampling(tok, rec.messages, cfg.rollout.max_prompt_tokens, trunc) for rec in records]
+    ptx_ids: list[list[int]] = []
+    if cfg.ptx_data and cfg.train.ptx_coef > 0:
+        texts = require_rows(load_text_corpus(cfg.ptx_data), cfg.ptx_data, "ptx_data")
+        ptx_ids = [x for x in (tok(t, add_special_tokens=False)["input_ids"][: cfg.train.ptx_max_tokens] for t in texts)
+                   if len(x) >= 2]
+        if not ptx_ids:
+            raise ConfigError(f"ptx_data: {cfg.ptx_data} has no text of 2 or more tokens")
+    return PPOData(prompt_ids, ptx_ids, trunc.prompts_cut)
+
+
+def warmup_schedule(optimizer, warmup: int):
+    """Linear warm-up from lr/10 over ``warmup`` PPO steps, then constant (InstructGPT App. C)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 1.0 if warmup <= 0 or s >= warmup else 0.1 + 0.9 * s / warmup)
+
+
+@dataclass
+class Optimisers:
+    policy_opt: torch.optim.Optimizer
+    policy_sched: object
+    value_opt: torch.optim.Optimizer | None
+    value_sched: object | None
+    kl_ctl: rl_math.KLController
+
+    def state_dict(self) -> dict:
+        st = {"policy_opt": self.policy_opt.state_dict(), "policy_sched": self.policy_sched.state_dict(),
+              "kl_ctl": self.kl_ctl.state_dict()}
+        if self.value_opt is not None:
+            st |= {"value_opt": self.value_opt.state_dict(), "value_sched": self.value_sched.state_dict()}
+        return st
+
+    def load_state_dict(self, st: dict) -> None:
+        self.policy_opt.load_state_dict(st["policy_opt"])
+        self.policy_sched.load_state_dict(st["policy_sched"])
+        self.kl_ctl.load_state_dict(st["kl_ctl"])
+        if self.value_opt is not None:
+            self.value_opt.load_state_dict(st["value_opt"])
+            self.value_sched.load_state_dict(st["value_sched"])
+
+
+def make_optimisers(cfg, models: Models) -> Optimisers:
+    from instructrl.models import make_adamw
+
+    tc, kc = cfg.train, cfg.kl
+    popt = make_adamw([p for p in models.policy.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
+    vopt = vsched = None
+    if models.value is not None:
+        vopt = make_adamw([p for p in models.value.parameters() if p.requires_grad], tc.value_lr, tc.weight_decay)
+        vsched = warmup_schedule(vopt, tc.warmup_steps)
+    return Optimisers(popt, warmup_schedule(popt, tc.warmup_steps), vopt, vsched,
+                      rl_math.KLController(kc.coef, kc.adaptive, kc.target, kc.horizon))
+
+
+@dataclass
+class Progress:
+    """The run's position: what a checkpoint needs besides weights and optimizers."""
+
+    step: int = 0
+    prompt_pos: int = 0  # position in the endless stream of shuffled prompts
+    ptx_pos: int = 0  # position in the stream of pretraining texts
+    skipped: dict = field(default_factory=lambda: {"policy": 0, "value": 0})
+
+
+# ---------------------------------------------------------------------------
+# 1. rollout
+# ---------------------------------------------------------------------------
+
+
+def stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Items ``start .. start+count`` of an endless stream of shuffled passes over ``n`` items.
+
+    Pass e is ``randperm(n)`` seeded by (seed, e), so the position alone (a single
+    integer, saved in checkpoints) determines everything that comes next.
+    """
+    out = []
+    for pos in range(start, start + count):
+        epoch, i = divmod(pos, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[i]))
+    return out
+
+
+def step_prompts(cfg, data: PPOData, progress: Progress) -> list[int]:
+    """The global batch's prompt indices: batch_size / k prompts, each repeated k times (adjacent rows)."""
+    B, k = cfg.rollout.batch_size, cfg.rollout.samples_per_prompt
+    return [i for i in stream_indices(len(data.prompt_ids), progress.prompt_pos, B // k, cfg.seed) for _ in range(k)]
+
+
+def episode_generators(seed: int, step: int, rows: range, device: torch.device) -> list[torch.Generator]:
+    """One RNG stream per episode of the global batch, seeded by (seed, step, row): the same tokens are
+    sampled whichever process samples the row, and a resumed run needs no sampler state."""
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 100_003 + r) for r in rows]
+
+
+def generate_trajectory(cfg, models: Models, prompts: list[list[int]], generators: list[torch.Generator],
+                        rt: Runtime, with_logprobs: bool) -> Generation:
+    rc = cfg.rollout
+    models.policy.eval()
+    g = sample(models.policy, prompts, rc.max_new_tokens, models.eos_id, models.pad_id, generators,
+               rc.temperature, rc.top_k, rt.amp_dtype, return_logprobs=with_logprobs)
+    models.policy.train()
+    return g
+
+
+# ---------------------------------------------------------------------------
+# 2. score (no grad)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """Phase 2's output for this process's rows ([b, R] per token, [b] per response)."""
+
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    lower: torch.Tensor | None  # [b, P + R + 1, H] hidden state after the shared blocks, reused in training
+
+
+def score_trajectory(cfg, models: Models, g: Generation, rt: Runtime, reuse_logprobs: bool,
+                     reward_fn: RewardFn | None) -> Scored:
+    from instructrl.models import autocast_weight_cache, lower_hidden
+    from instructrl.reward_model import score as rm_score
+
+    rc, tc = cfg.rollout, cfg.train
+    policy, ref, rm, value = models.policy, models.ref, models.rm, models.value
+    B, R = g.response_mask.shape
+    P, share, dev = g.query.shape[1], models.share, rt.device
+    logprobs, ref_logprobs, entropy, values = (torch.zeros(B, R, device=dev) for _ in range(4))
+    scores = torch.zeros(B, device=dev)
+    lower = torch.zeros(B, P + R + 1, policy.config.hidden_size, device=dev) if share else None
+    scoring = [m for m in (policy, ref, value, rm) if m is not None] if rt.amp_dtype is not None else []
+    with torch.no_grad(), autocast_weight_cache(*scoring), rt.autocast():  # no_grad: see rollout.sample
+        for rows, p, r in micro_batches(torch.arange(B, device=dev), g.query_mask, g.response_mask,
+                                        tc.score_batch_size):
+            ids, am = window(g, rows, p, r)
+            rm_ids, rm_am = (append_eos(ids, am, g.ended[rows], models.eos_id, models.pad_id)
+                             if rm is not None and rc.rm_eos else (ids, am))
+            low = rm_low = None
+            if share:  # causal: the first columns of the RM's input give everyone else's hidden state
+                h = lower_hidden(ref, rm_ids, rm_am, share)
+                lower[rows, P - p: P - p + h.shape[1]] = h.float()
+                low, rm_low = (h[:, :ids.shape[1]], share), (h, share)
+            tokens = g.response[rows, :r]
+            if reuse_logprobs:
+                logprobs[rows, :r], entropy[rows, :r] = g.logprobs[rows, :r], g.entropy[rows, :r]
+            else:
+                logprobs[rows, :r], entropy[rows, :r] = rl_math.logprobs_and_entropy(
+                    response_logits(policy, ids, am, r, rc.temperature, low), tokens)
+            ref_logprobs[rows, :r] = gather_logprobs(response_logits(ref, ids, am, r, rc.temperature, low), tokens)
+            if value is not None:
+                values[rows, :r] = response_values(value, ids, am, r, low).float()
+            if rm is not None:
+                scores[rows] = rm_score(rm, rm_ids, rm_am, rm_low).float()
+    if reward_fn is not None:
+        scores = reward_fn(g.query, g.response, g.response_mask).float().to(dev)
+    if rc.missing_eos_penalty is not None:
+        scores = torch.where(g.ended, scores, scores - rc.missing_eos_penalty)
+    mask = g.response_mask
+    return Scored(logprobs * mask, ref_logprobs * mask, entropy * mask, values * mask, scores, lower)
+
+
+# ---------------------------------------------------------------------------
+# 3 + 4. rewards and advantages, over the global batch
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class BatchStats:
+    """Statistics of the global batch (every process holds the same)."""
+
+    score: float
+    seq_kl: float
+    beta: float
+    non_score_reward: float
+    entropy: float
+    explained_variance: float | None
+    response_length: float
+    missing_eos: float
+    tokens: float
+
+
+def compute_advantages(cfg, g: Generation, s: Scored, beta: float, dist: Dist) -> tuple[Rollout, BatchStats]:
+    """KL-shaped rewards (eq. 2), GAE or RLOO, whitening — computed on every process's rows gathered.
+
+    Returns this process's rows as a :class:`Rollout` and the global batch's statistics.
+    """
+    tc, kc = cfg.train, cfg.kl
+    mask, logprobs, ref_logprobs, values, entropy = (
+        dist.gather_rows(t) for t in (g.response_mask, s.logprobs, s.ref_logprobs, s.values, s.entropy))
+    scores, ended = dist.gather_rows(s.scores), dist.gather_rows(g.ended)
+    kl = rl_math.kl_per_token(logprobs, ref_logprobs, kc.estimator) * mask
+    rewards, reward_stats = rl_math.shape_rewards(scores, kl, mask, beta, kc.reward_clip)
+    if tc.advantage == "gae":
+        advantages, returns = rl_math.gae(rewards, values, mask, tc.gamma, tc.lam)
+    else:
+        advantages = rl_math.rloo_advantages(rewards, mask, cfg.rollout.samples_per_prompt)
+        returns = advantages  # = A + V with V = 0; no value model reads it
+    if tc.whiten_advantages:
+        advantages = rl_math.whiten(advantages, mask)
+    n = mask.shape[0]
+    stats = BatchStats(
+        score=float(scores.mean()), seq_kl=float(kl.sum(1).mean()), beta=beta,
+        non_score_reward=float(reward_stats["non_score_reward"]), entropy=float(rl_math.masked_mean(entropy, mask)),
+        explained_variance=float(rl_math.explained_variance(values, returns, mask)) if tc.advantage == "gae" else None,
+        response_length=float(mask.sum()) / n, missing_eos=float((~ended).float().mean()), tokens=float(mask.sum()))
+    rows, R = dist.local_rows(n), g.response_mask.shape[1]
+    mine = lambda t: t[rows, :R]  # noqa: E731 — back to this process's rows and width
+    batch = Rollout(g.query, g.query_mask, g.response, g.response_mask, g.ended, mine(logprobs), mine(ref_logprobs),
+                    mine(values), scores[rows], mine(kl), mine(rewards), mine(advantages), mine(returns))
+    return batch, stats
+
+
+# ---------------------------------------------------------------------------
+# 5. PPO update
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class UpdateStats:
+    pg_loss: float = 0.0
+    vf_loss: float = 0.0
+    ptx_loss: float = 0.0
+    clipfrac: float = 0.0
+    approx_kl: float = 0.0
+    vf_clipfrac: float = 0.0
+    tokens: float = 0.0
+    updates: int = 0
+    policy_updated: bool = True
+
+
+def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, global_mask: torch.Tensor,
+               lower: torch.Tensor | None, data: PPOData, progress: Progress, rt: Runtime, dist: Dist) -> UpdateStats:
+    """``train.epochs`` passes over the global batch in minibatches; one optimizer step each.
+
+    Each process back-propagates the rows of the minibatch it holds; losses are normalised by the
+    minibatch's global token count and gradients summed over processes, so the step is the full
+    minibatch's whatever the split. ``global_mask``: [B, R] response mask of the whole global batch.
+    """
+    from instructrl.models import attention_implementation
+
+    tc, rc = cfg.train, cfg.rollout
+    policy, value = models.policy, models.value
+    B = global_mask.shape[0]
+    mine = dist.local_rows(B)
+    P, share = batch.query.shape[1], models.share
+    st = UpdateStats(policy_updated=progress.step >= tc.value_warmup_steps)  # critic warm-up: value model only
+    mb_gen = torch.Generator().manual_seed(cfg.seed * 7919 + progress.step)
+    pol_params = [p for p in policy.parameters() if p.requires_grad]
+    val_params = [p for p in value.parameters() if p.requires_grad] if value is not None else []
+    for _epoch in range(tc.epochs):
+        perm = torch.randperm(B, generator=mb_gen)
+        for start in range(0, B, tc.minibatch_size):
+            mb = perm[start: start + tc.minibatch_size]
+            n_tok = global_mask[mb].sum().to(rt.device)
+            local = (mb[(mb >= mine.start) & (mb < mine.stop)] - mine.start).to(rt.device)
+            for opt in (opts.policy_opt, opts.value_opt):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            sums = [0.0] * 7  # pg, vf, ptx, clipfrac, approx_kl, vf_clipfrac, tokens
+            # One autocast context per optimizer step: autocast casts each weight to bf16 once and reuses
+            # the copy for every micro-batch; the weights only change at the step, outside it.
+            with rt.autocast(), attention_implementation(models.train_attention, *models.trained):
+                if len(local):
+                    for rows, p, r in micro_batches(local, batch.query_mask, batch.response_mask, tc.micro_batch_size):
+                        ids, am = window(batch, rows, p, r)
+                        m = batch.response_mask[rows, :r]
+                        low = (lower[rows, P - p: P + r], share) if share else None  # frozen: no grad needed
+                        if st.policy_updated:
+                            lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature, low),
+                                                 batch.response[rows, :r])
+                            pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], batch.advantages[rows, :r], m,
+                                                      tc.cliprange, n_tok)
+                            pg.backward()
+                            sums[0] += float(pg.detach())
+                            sums[3] += float(pst["clipfrac"])
+                            sums[4] += float(pst["approx_kl"])
+                        if value is not None:
+                            v = response_values(value, ids, am, r, low).float()
+                            vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
+                                                     tc.cliprange_value, n_tok)
+                            vf.backward()
+                            sums[1] += float(vf.detach())
+                            sums[5] += float(vst["vf_clipfrac"])
+                        sums[6] += float(m.sum())
+                if data.ptx_ids and st.policy_updated:
+                    sums[2] += ptx_backward(cfg, models, data, progress, rt, dist)
+            sums = dist.sum(sums, rt.device)
+            dist.sum_gradients(pol_params + val_params)
+            # non-finite loss or gradient: skip that model's update, count it, never save it
+            pol_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
+            if st.policy_updated:
+                if math.isfinite(sums[0] + sums[2]) and bool(torch.isfinite(pol_norm)):
+                    opts.policy_opt.step()
+                else:
+                    progress.skipped["policy"] += 1
+            if value is not None:
+                val_norm = torch.nn.utils.clip_grad_norm_(value.parameters(), tc.max_grad_norm)
+                if math.isfinite(sums[1]) and bool(torch.isfinite(val_norm)):
+                    opts.value_opt.step()
+                else:
+                    progress.skipped["value"] += 1
+                opts.value_opt.zero_grad(set_to_none=True)
+            opts.policy_opt.zero_grad(set_to_none=True)
+            for name, x in zip(("pg_loss", "vf_loss", "ptx_loss", "clipfrac", "approx_kl", "vf_clipfrac", "tokens"),
+                               sums):
+                setattr(st, name, getattr(st, name) + x)
+            st.updates += 1
+    if st.policy_updated:  # the policy's LR warm-up starts when the policy does
+        opts.policy_sched.step()
+    if value is not None:
+        opts.value_sched.step()
+    return st
+
+
+def ptx_backward(cfg, models: Models, data: PPOData, progress: Progress, rt: Runtime, dist: Dist) -> float:
+    """PPO-ptx: back-propagate γ · NLL of ``ptx_batch_size`` pretraining texts (this process's share of them)
+    in the current optimizer step; returns this process's part of the unweighted loss."""
+    from instructrl.formatting import pad
+
+    tc = cfg.train
+    texts = [data.ptx_ids[i] for i in stream_indices(len(data.ptx_ids), progress.ptx_pos, tc.ptx_batch_size,
+                                                     cfg.seed + 1)]
+    progress.ptx_pos += tc.ptx_batch_size
+    n_ptx = sum(len(t) - 1 for t in texts)  # the global count: every process sees every text's length
+    texts = texts[dist.rank::dist.world]
+    total = 0.0
+    for i in range(0, len(texts), tc.micro_batch_size):
+        ids, am = pad(texts[i: i + tc.micro_batch_size], models.pad_id, "right")
+        ids, am = ids.to(rt.device), am.to(rt.device)
+        lm = am.float()
+        lm[:, 0] = 0
+        out = models.policy(input_ids=ids, attention_mask=am, use_cache=False)
+        pt, _ = ptx_loss(out.logits, ids, lm, n_ptx)
+        (tc.ptx_coef * pt).backward()  # the γ·L_ptx half of losses.ppo_ptx_objective
+        total += float(pt.detach())
+    return total
+
+
+# ---------------------------------------------------------------------------
+# 6. log and checkpoint
+# ---------------------------------------------------------------------------
+
+
+def metrics_row(progress: Progress, bs: BatchStats, up: UpdateStats, opts: Optimisers, times: dict,
+                world: int, episodes: int) -> dict:
+    tok = max(up.tokens, 1)
+    return {
+        "step": progress.step, "score": bs.score, "kl": bs.seq_kl, "beta": bs.beta,
+        "non_score_reward": bs.non_score_reward, "entropy": bs.entropy,
+        "clipfrac": up.clipfrac / tok, "approx_kl": up.approx_kl / tok, "vf_clipfrac": up.vf_clipfrac / tok,
+        "explained_variance": bs.explained_variance, "response_length": bs.response_length,
+        "missing_eos": bs.missing_eos, "pg_loss": up.pg_loss / up.updates, "vf_loss": up.vf_loss / up.updates,
+        "ptx_loss": up.ptx_loss / up.updates, "policy_updated": up.policy_updated,
+        "skipped_policy_updates": progress.skipped["policy"], "skipped_value_updates": progress.skipped["value"],
+        "lr": opts.policy_sched.get_last_lr()[0], **{f"time_{k}": v for k, v in times.items()},
+        "tokens_per_s": bs.tokens / max(sum(times.values()), 1e-9), "world_size": world, "episodes": episodes,
+    }
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(p for p in folder.glob("step-*") if (p / "state.pt").exists())
+    return found[-1] if found else None
+
+
+def all_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def save_checkpoint(folder: Path, models: Models, opts: Optimisers, progress: Progress, dist: Dist,
+                    keep: int) -> Path | None:
+    """policy/, value/ (none under rloo) and state.pt (optimizers, progress, every process's RNG streams),
+    built under a temporary name and renamed into place by the main process."""
+    from instructrl.io import atomic_dir
+    from instructrl.runtime import rng_state
+
+    rngs = dist.gather_objects(rng_state())  # every process takes part, only the main one writes
+    if not dist.is_main:
+        return None
+    # Updates with non-finite values are skipped, so this never fires; it guards the guarantee.
+    if not all(all_finite(m) for m in models.trained):
+        raise RuntimeError(f"step {progress.step}: non-finite weights; refusing to write a checkpoint")
+    final = folder / f"step-{progress.step:06d}"
+    state = {"step": progress.step, "prompt_pos": progress.prompt_pos, "ptx_pos": progress.ptx_pos,
+             "skipped": dict(progress.skipped), **opts.state_dict(), "rng": rngs, "world_size": dist.world}
+    with atomic_dir(final, legacy=("state.pt",)) as tmp:
+        models.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        if models.value is not None:
+            models.value.save_pretrained(tmp / "value", safe_serialization=True)
+        torch.save(state, tmp / "state.pt")
+    for old in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore(ckpt: Path, opts: Optimisers, dist: Dist) -> Progress:
+    """Optimizers, KL controller, this process's RNG streams and the run's position from ``ckpt/state.pt``."""
+    from instructrl.runtime import set_rng_state
+
+    st = torch.load(ckpt / "state.pt", weights_only=False)
+    saved_world = st.get("world_size", 1)
+    if saved_world != dist.world:
+        raise ConfigError(f"resume: {ckpt} was written by {saved_world} process(es), this run has {dist.world}; "
+                          f"resume with the same process count")
+    opts.load_state_dict(st)
+    rng = st["rng"]
+    set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
+    return Progress(st["step"], st["prompt_pos"], st["ptx_pos"], st["skipped"])
