@@ -1,7 +1,8 @@
 """Loss functions: tensors in, ``(loss, stats)`` out. Pure, small, unit-tested.
 
 Sections: SFT (language modelling on response tokens), reward model (K-wise
-ranking loss, InstructGPT eq. 1), PPO (clipped policy/value losses, PPO-ptx
+ranking loss, InstructGPT eq. 1), PPO (clipped policy/value losses, the loss
+aggregations of GRPO / Dr. GRPO / DAPO, GRPO's KL loss, PPO-ptx
 term, InstructGPT eq. 2), DPO, IPO and listwise Plackett-Luce DPO (Rafailov et al. 2023;
 Azar et al. 2023). The RL quantities they consume (KL penalty, GAE,
 whitening) live in :mod:`instructrl.core.rl_math`.
@@ -114,15 +115,56 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor, denom: float | torch.Tenso
     return (x * mask).sum() / torch.clamp(d, min=1.0)
 
 
+# How the per-token losses of a minibatch become one number (docs/rl-levers.md):
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def aggregate_token_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean",
+    num_tokens: float | torch.Tensor | None = None, num_seqs: float | torch.Tensor | None = None,
+    max_len: float | None = None,
+) -> torch.Tensor:
+    """Reduce per-token losses ℓ_it [B, R] (masked by ``mask`` [B, R]) to a scalar loss.
+
+        "token-mean"          Σ_i Σ_t ℓ_it / N_tok             (DAPO, Yu et al. 2025 eq. 12; our PPO's default)
+        "seq-mean-token-mean" Σ_i (Σ_t ℓ_it / |o_i|) / N_seq   (GRPO, Shao et al. 2024 eq. 3)
+        "seq-mean-token-sum"  Σ_i (Σ_t ℓ_it / L) / N_seq       (Dr. GRPO, Liu et al. 2025 §3.1: L a constant)
+
+    |o_i| is row i's own token count, mask[i].sum(). The normalisers N_tok (``num_tokens``, default
+    mask.sum()) and N_seq (``num_seqs``, default B) are those of the whole minibatch: when it is split
+    into micro-batches, pass the minibatch's counts to every call and the micro-batch losses (and their
+    gradients) add up to the one-pass value. Each row must hold all of its response tokens (a micro-batch
+    splits rows, never a row's columns). ``max_len`` = L is required for "seq-mean-token-sum": the
+    generation budget (max new tokens), never this batch's longest response, which would vary with the split.
+    ``num_tokens`` is read only by "token-mean", ``num_seqs`` and ``max_len`` only by the others.
+    """
+    if aggregation == "token-mean":
+        return _masked_mean(per_token, mask, num_tokens)
+    if aggregation == "seq-mean-token-mean":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    elif aggregation == "seq-mean-token-sum":
+        if max_len is None or not max_len > 0:
+            raise ValueError(f"aggregation 'seq-mean-token-sum' needs max_len > 0 (the generation budget), got {max_len}")
+        per_seq = (per_token * mask).sum(1) / max_len
+    else:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; use one of {', '.join(LOSS_AGGREGATIONS)}")
+    n = mask.shape[0] if num_seqs is None else num_seqs
+    return per_seq.sum() / torch.clamp(torch.as_tensor(n, dtype=per_seq.dtype), min=1.0)
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    cliprange: float = 0.2, num_tokens: float | torch.Tensor | None = None,
+    cliprange: float = 0.2, num_tokens: float | torch.Tensor | None = None, *,
+    aggregation: str = "token-mean", num_seqs: float | torch.Tensor | None = None, max_len: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
     L = mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)),  ρ_t = exp(logπ − logπ_old).
     ``num_tokens``: normaliser (default: mask.sum()); pass the minibatch's token count when
     the minibatch is split into micro-batches so that their gradients add up exactly.
+    ``aggregation`` picks how the per-token terms are averaged ("token-mean" above, or GRPO's
+    "seq-mean-token-mean", Dr. GRPO's "seq-mean-token-sum"; see :func:`aggregate_token_loss`, which
+    also says what ``num_seqs`` (the minibatch's row count) and ``max_len`` are).
     Stats: clipfrac (share of tokens where the clipped branch is active) and approx_kl
     (k3 estimate of KL(π_old || π), the usual PPO early-warning signal).
     """
@@ -130,7 +172,7 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = _masked_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
+    loss = aggregate_token_loss(torch.maximum(unclipped, clipped), mask, aggregation, num_tokens, num_seqs, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": ((clipped > unclipped).float() * mask).sum(),
@@ -155,6 +197,32 @@ def ppo_value_loss(
     loss = 0.5 * _masked_mean(torch.maximum(l1, l2), mask, num_tokens)
     with torch.no_grad():
         stats = {"vf_clipfrac": ((l2 > l1).float() * mask).sum(), "tokens": mask.sum()}
+    return loss, stats
+
+
+def kl_loss(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+    num_tokens: float | torch.Tensor | None = None, *,
+    aggregation: str = "token-mean", num_seqs: float | torch.Tensor | None = None, max_len: float | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """KL(π_θ || π_ref) as a loss term, GRPO-style (Shao et al. 2024, DeepSeekMath eq. 3 and 4).
+
+    GRPO subtracts β·D_KL inside its objective instead of folding −β·KL into the reward (InstructGPT
+    eq. 2), with the per-token estimator of eq. 4, Schulman's k3 (rl_math.kl_per_token "k3"):
+
+        D_KL,t = π_ref/π_θ − log(π_ref/π_θ) − 1 = e^r − 1 − r,   r = log π_ref(y_t) − log π_θ(y_t)  (>= 0)
+
+    Its gradient with respect to log π_θ(y_t) is 1 − π_ref/π_θ: it pulls a token back only as far as
+    the reference assigns it. logprobs [B, R] of the policy being trained (with grad), ref_logprobs
+    [B, R] of the frozen reference (no grad), mask [B, R]. Aggregated like the policy loss
+    (:func:`aggregate_token_loss`; pass the same normalisers); the caller adds β · this loss.
+    Stats: ``kl_sum`` (Σ of D_KL,t over real tokens) and ``tokens``.
+    """
+    r = ref_logprobs - logprobs
+    per_token = torch.expm1(r) - r
+    loss = aggregate_token_loss(per_token, mask, aggregation, num_tokens, num_seqs, max_len)
+    with torch.no_grad():
+        stats = {"kl_sum": (per_token * mask).sum(), "tokens": mask.sum()}
     return loss, stats
 
 

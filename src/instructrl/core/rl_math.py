@@ -1,7 +1,8 @@
 """RL quantities for PPO, as small pure functions (tensors in, tensors/stats out).
 
-The KL penalty against the SFT policy, reward shaping, GAE and whitening live
-here and only here (InstructGPT §3.5 eq. 2; Ziegler et al. 2019; Schulman et al. 2016).
+The KL penalty against the SFT policy, reward shaping, GAE, group baselines (RLOO, GRPO, Dr. GRPO,
+DAPO's group filter) and whitening live here and only here (InstructGPT §3.5 eq. 2; Ziegler et al. 2019;
+Schulman et al. 2016; see docs/rl-levers.md for the group methods).
 
 Shapes: ``B`` sequences (episodes), ``R`` response tokens. Every per-token
 tensor is aligned with the response: column ``t`` is the action "emit response
@@ -127,6 +128,83 @@ def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor, k: int) -> torch.
     g = (rewards * mask).sum(1).view(B // k, k)
     baseline = (g.sum(1, keepdim=True) - g) / (k - 1)
     return (g - baseline).reshape(B, 1) * mask
+
+
+def _group_returns(rewards_or_scores: torch.Tensor, mask: torch.Tensor, k: int, name: str) -> torch.Tensor:
+    """Each response's return, viewed as [B/k, k] groups of adjacent rows (the ``rloo_advantages`` layout).
+
+    [B] scores are the returns themselves; [B, R] per-token rewards are summed over the real tokens.
+    """
+    B = rewards_or_scores.shape[0]
+    if k < 2 or B % k:
+        raise ValueError(f"{name}: need k >= 2 dividing the batch ({B} rows, k={k})")
+    if rewards_or_scores.dim() == 1:
+        g = rewards_or_scores
+    elif rewards_or_scores.dim() == 2 and rewards_or_scores.shape == mask.shape:
+        g = (rewards_or_scores * mask).sum(1)
+    else:
+        raise ValueError(f"{name}: rewards must be [B] scores or [B, R] like the mask {tuple(mask.shape)}; "
+                         f"got {tuple(rewards_or_scores.shape)}")
+    return g.view(B // k, k)
+
+
+def _identical(g: torch.Tensor) -> torch.Tensor:
+    """[G, k] -> [G] bool: the group's k returns are exactly equal.
+
+    Tested by equality, not by std == 0: the mean of k equal floats can miss them by one rounding step
+    (k = 3 copies of 0.4900934100151062 in float32 leave residuals of 3e-8), which a std test would
+    call signal.
+    """
+    return g.amax(1) == g.amin(1)
+
+
+GRPO_EPS = 1e-6  # added to the group std before dividing (verl's GRPO default); bounds |A| for near-ties
+
+
+def grpo_advantages(rewards_or_scores: torch.Tensor, mask: torch.Tensor, k: int, scale: bool = True) -> torch.Tensor:
+    """GRPO's group-normalised advantages (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision).
+
+    Rows come in groups of ``k`` adjacent samples of the same prompt (as in ``rloo_advantages``). With
+    G_i the return of response i (its score, or the sum of its shaped rewards) and mean/std over its group:
+
+        scale=True  (GRPO):     A_i = (G_i − mean_group) / (std_group + eps)
+        scale=False (Dr. GRPO): A_i =  G_i − mean_group        (Liu et al. 2025, §3.1: no std division)
+
+    applied at every real token of response i (the Â_{i,t} = r̃_i of DeepSeekMath eq. 3). std is the
+    Bessel-corrected sample std (torch.std's default, as TRL and verl use); eps = ``GRPO_EPS`` = 1e-6.
+    A group whose k returns are all identical carries no signal and gets advantage exactly 0 in both
+    modes (see ``_identical``; ``informative_groups`` finds such groups). The Dr. GRPO advantage is
+    (k−1)/k times the RLOO advantage: the same direction, mean baseline including the sample itself.
+
+    rewards_or_scores: [B] scores or [B, R] per-token rewards; mask: [B, R]; B a multiple of k >= 2.
+    Returns advantages [B, R] in float, 0 on padding.
+    """
+    g = _group_returns(rewards_or_scores, mask, k, "grpo_advantages")
+    adv = g - g.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(1, keepdim=True) + GRPO_EPS)
+    adv = torch.where(_identical(g).unsqueeze(1), torch.zeros_like(adv), adv)
+    return adv.reshape(-1, 1) * mask
+
+
+def informative_groups(scores: torch.Tensor, k: int, tol: float = 0.0) -> torch.Tensor:
+    """Rows whose group of k rewards is not flat: DAPO's dynamic sampling filter (Yu et al. 2025, eq. 11).
+
+    DAPO keeps a prompt only if 0 < |{correct responses}| < G, i.e. its binary rewards are not all equal;
+    for real-valued rewards the same test is std_group > ``tol`` (Bessel-corrected, as ``grpo_advantages``).
+    A group of identical rewards is never informative, whatever ``tol`` (tested by equality, see
+    ``_identical``); such a group has zero GRPO and RLOO advantage, so dropping it only removes no-op rows.
+
+    scores: [B] task rewards (the RM or gold score, before the KL penalty: with it no group is ever flat),
+    B a multiple of k >= 2; tol >= 0. Returns a bool mask [B], equal within each group.
+    """
+    if not tol >= 0:
+        raise ValueError(f"informative_groups: tol must be >= 0, got {tol}")
+    if scores.dim() != 1:
+        raise ValueError(f"informative_groups: scores must be [B], got {tuple(scores.shape)}")
+    g = _group_returns(scores, torch.ones(scores.shape[0], 1), k, "informative_groups")
+    keep = ~_identical(g) & (g.std(1) > tol)
+    return keep.repeat_interleave(k)
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
