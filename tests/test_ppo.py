@@ -147,6 +147,42 @@ def test_rloo_raises_the_score_without_a_value_model(tiny_model_dir, prompts_fil
     assert len({tuple(q[i, 0].tolist()) for i in range(4)}) == 4
 
 
+@pytest.mark.parametrize("extra", [
+    ("train.advantage=grpo", "train.whiten_advantages=false", "train.loss_aggregation=seq-mean-token-mean",
+     "train.kl_in_loss=true"),
+    ("train.advantage=drgrpo", "train.whiten_advantages=false", "train.loss_aggregation=seq-mean-token-sum",
+     "train.drop_uninformative_groups=true"),
+], ids=["grpo", "drgrpo"])
+def test_group_relative_advantages_raise_the_score(tiny_model_dir, prompts_file, tmp_path, extra):
+    """GRPO (KL in the loss) and Dr. GRPO (flat groups dropped): critic-free, the score rises."""
+    out = tmp_path / "g"
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, out, "steps=30", "kl.coef=0.2", "rollout.samples_per_prompt=4",
+                       *extra), reward_fn=good_fraction_reward)
+    rows = metrics(out)
+    first = sum(r["score"] for r in rows[:5]) / 5
+    last = sum(r["score"] for r in rows[-5:]) / 5
+    assert last > first + 1.0, (first, last)
+    assert max(r["kl"] for r in rows) < 25.0
+    if "train.kl_in_loss=true" in extra:  # the KL is a loss term: none of it in the reward
+        assert all(r["non_score_reward"] == 0.0 for r in rows)
+
+
+def test_flat_groups_are_dropped_from_the_policy_loss(tiny_model_dir, prompts_file, tmp_path):
+    """A reward that is the same for every sample of a prompt: every group is flat, so with
+    train.drop_uninformative_groups the policy never moves (no signal), and the metrics say so."""
+    from safetensors.torch import load_file
+
+    def per_prompt(q, r, m):  # a function of the prompt only
+        return (q != 0).float().sum(1) / 10
+
+    out = tmp_path / "flat"
+    train_ppo(tiny_cfg(tiny_model_dir, prompts_file, out, "steps=2", "train.advantage=rloo",
+                       "rollout.samples_per_prompt=4", "train.drop_uninformative_groups=true"), reward_fn=per_prompt)
+    assert all(r["informative_groups"] == 0.0 for r in metrics(out))
+    a, b = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "policy" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_rloo_resume_equals_an_uninterrupted_run(tiny_model_dir, prompts_file, tmp_path):
     from safetensors.torch import load_file
 

@@ -107,11 +107,22 @@ class PPOTrain:
                                           "scored but does not move, so that its first advantages come from a critic "
                                           "that has seen the reward (veRL's critic_warmup). An RM-initialised critic "
                                           "starts with negative explained variance (docs/ppo.md)", min=0)
-    advantage: Literal["gae", "rloo"] = param(
+    advantage: Literal["gae", "rloo", "grpo", "drgrpo"] = param(
         "gae", "gae = a value model (initialised from the RM) and GAE, as InstructGPT; rloo = critic-free REINFORCE "
                "leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): a response's advantage is its return "
                "(score − β·ΣKL) minus the mean return of the other samples of its prompt, at every token; no value "
-               "model is loaded, run or trained. Needs rollout.samples_per_prompt >= 2")
+               "model is loaded, run or trained; grpo = (return − group mean) / group std (Shao et al. 2024); "
+               "drgrpo = return − group mean (Liu et al. 2025). rloo/grpo/drgrpo need rollout.samples_per_prompt "
+               ">= 2 (docs/rl-levers.md)")
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = param(
+        "token-mean", "how the policy loss averages its per-token terms: token-mean over the minibatch's tokens "
+                      "(DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum with rollout.max_new_tokens as "
+                      "the constant (Dr. GRPO); docs/rl-levers.md")
+    drop_uninformative_groups: bool = param(
+        False, "leave out of the policy loss (and of whitening) the prompts whose samples_per_prompt scores are "
+               "all equal: they carry no group-relative signal (DAPO's dynamic sampling, without the re-sampling)")
+    kl_in_loss: bool = param(
+        False, "put β·KL (k3 estimator) in the policy loss, as GRPO, instead of −β·KL in the reward (InstructGPT)")
     gamma: float = param(1.0, "GAE discount; 1 = no discounting (one bandit episode per response)", min=0, max=1)
     lam: float = param(0.95, "GAE λ", min=0, max=1)
     cliprange: float = param(0.2, "PPO ratio clip ε (Schulman et al. 2017)", min=0, min_exclusive=True)
@@ -135,7 +146,7 @@ class PPOTrain:
 
     def validate(self):
         check(self.advantage == "gae" or self.value_warmup_steps == 0,
-              "train.value_warmup_steps needs train.advantage=gae (rloo has no value model)")
+              f"train.value_warmup_steps needs train.advantage=gae ({self.advantage} has no value model)")
 
 
 @dataclass
@@ -171,9 +182,10 @@ class PPOConfig:
         check(self.rollout.batch_size % self.train.minibatch_size == 0,
               f"rollout.batch_size ({self.rollout.batch_size}) must be a multiple of train.minibatch_size "
               f"({self.train.minibatch_size})")
-        check(self.train.advantage != "rloo" or self.rollout.samples_per_prompt >= 2,
-              "train.advantage=rloo needs rollout.samples_per_prompt >= 2 (the baseline of a response is the "
-              "mean return of the other samples of its prompt)")
+        grouped = self.train.advantage != "gae" or self.train.drop_uninformative_groups
+        check(not grouped or self.rollout.samples_per_prompt >= 2,
+              f"train.advantage={self.train.advantage} / train.drop_uninformative_groups need "
+              f"rollout.samples_per_prompt >= 2 (a response is compared with the other samples of its prompt)")
 
 
 # ---------------------------------------------------------------------------
@@ -240,10 +252,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         scored = score_trajectory(cfg, models, g, rt, reuse_logprobs, reward_fn)
         t2 = time.perf_counter()
         # 3 + 4. KL-shaped rewards and advantages over the global batch
-        batch, stats = compute_advantages(cfg, g, scored, opts.kl_ctl.value, dist)
+        batch, masks, stats = compute_advantages(cfg, g, scored, opts.kl_ctl.value, dist)
         # 5. PPO epochs over minibatches
-        up = ppo_update(cfg, models, opts, batch, dist.gather_rows(g.response_mask), scored.lower, data, progress,
-                        rt, dist)
+        up = ppo_update(cfg, models, opts, batch, masks, scored.lower, data, progress, rt, dist)
         opts.kl_ctl.update(stats.seq_kl, rc.batch_size)
         progress.step += 1
         t3 = time.perf_counter()

@@ -31,7 +31,7 @@ import torch
 
 from instructrl.config import ConfigError
 from instructrl.core import rl_math
-from instructrl.core.losses import ppo_policy_loss, ppo_value_loss, ptx_loss
+from instructrl.core.losses import kl_loss, ppo_policy_loss, ppo_value_loss, ptx_loss
 from instructrl.core.tensors import append_eos, gather_logprobs
 from instructrl.rollout import Generation, Rollout, sample
 from instructrl.runtime import Runtime
@@ -395,37 +395,54 @@ class BatchStats:
     response_length: float
     missing_eos: float
     tokens: float
+    informative: float  # share of rows the policy loss uses (train.drop_uninformative_groups)
 
 
-def compute_advantages(cfg, g: Generation, s: Scored, beta: float, dist: Dist) -> tuple[Rollout, BatchStats]:
-    """KL-shaped rewards (eq. 2), GAE or RLOO, whitening — computed on every process's rows gathered.
+@dataclass
+class GlobalMasks:
+    """[B, R] masks of the whole global batch, the same on every process."""
 
-    Returns this process's rows as a :class:`Rollout` and the global batch's statistics.
+    response: torch.Tensor  # real response tokens: the value loss's tokens
+    policy: torch.Tensor  # the tokens the policy loss uses (all, or the informative groups' only)
+
+
+def compute_advantages(cfg, g: Generation, s: Scored, beta: float,
+                       dist: Dist) -> tuple[Rollout, GlobalMasks, BatchStats]:
+    """KL-shaped rewards (eq. 2), GAE / RLOO / GRPO, whitening — computed on every process's rows gathered.
+
+    Returns this process's rows as a :class:`Rollout`, the global masks and the global batch's statistics.
     """
-    tc, kc = cfg.train, cfg.kl
+    tc, kc, k = cfg.train, cfg.kl, cfg.rollout.samples_per_prompt
     mask, logprobs, ref_logprobs, values, entropy = (
         dist.gather_rows(t) for t in (g.response_mask, s.logprobs, s.ref_logprobs, s.values, s.entropy))
     scores, ended = dist.gather_rows(s.scores), dist.gather_rows(g.ended)
     kl = rl_math.kl_per_token(logprobs, ref_logprobs, kc.estimator) * mask
-    rewards, reward_stats = rl_math.shape_rewards(scores, kl, mask, beta, kc.reward_clip)
+    # with train.kl_in_loss the KL is a loss term (GRPO), not a reward: shaping with β = 0
+    rewards, reward_stats = rl_math.shape_rewards(scores, kl, mask, 0.0 if tc.kl_in_loss else beta, kc.reward_clip)
     if tc.advantage == "gae":
         advantages, returns = rl_math.gae(rewards, values, mask, tc.gamma, tc.lam)
+    elif tc.advantage == "rloo":
+        advantages = rl_math.rloo_advantages(rewards, mask, k)
     else:
-        advantages = rl_math.rloo_advantages(rewards, mask, cfg.rollout.samples_per_prompt)
+        advantages = rl_math.grpo_advantages(rewards, mask, k, scale=tc.advantage == "grpo")
+    if tc.advantage != "gae":
         returns = advantages  # = A + V with V = 0; no value model reads it
-    if tc.whiten_advantages:
-        advantages = rl_math.whiten(advantages, mask)
+    keep = (rl_math.informative_groups(scores, k) if tc.drop_uninformative_groups
+            else torch.ones_like(scores, dtype=torch.bool))
+    policy_mask = mask * keep[:, None]
+    advantages = rl_math.whiten(advantages, policy_mask) if tc.whiten_advantages else advantages * keep[:, None]
     n = mask.shape[0]
     stats = BatchStats(
         score=float(scores.mean()), seq_kl=float(kl.sum(1).mean()), beta=beta,
         non_score_reward=float(reward_stats["non_score_reward"]), entropy=float(rl_math.masked_mean(entropy, mask)),
         explained_variance=float(rl_math.explained_variance(values, returns, mask)) if tc.advantage == "gae" else None,
-        response_length=float(mask.sum()) / n, missing_eos=float((~ended).float().mean()), tokens=float(mask.sum()))
+        response_length=float(mask.sum()) / n, missing_eos=float((~ended).float().mean()), tokens=float(mask.sum()),
+        informative=float(keep.float().mean()))
     rows, R = dist.local_rows(n), g.response_mask.shape[1]
     mine = lambda t: t[rows, :R]  # noqa: E731 — back to this process's rows and width
     batch = Rollout(g.query, g.query_mask, g.response, g.response_mask, g.ended, mine(logprobs), mine(ref_logprobs),
                     mine(values), scores[rows], mine(kl), mine(rewards), mine(advantages), mine(returns))
-    return batch, stats
+    return batch, GlobalMasks(mask, policy_mask), stats
 
 
 # ---------------------------------------------------------------------------
@@ -446,20 +463,22 @@ class UpdateStats:
     policy_updated: bool = True
 
 
-def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, global_mask: torch.Tensor,
+def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, masks: GlobalMasks,
                lower: torch.Tensor | None, data: PPOData, progress: Progress, rt: Runtime, dist: Dist) -> UpdateStats:
     """``train.epochs`` passes over the global batch in minibatches; one optimizer step each.
 
     Each process back-propagates the rows of the minibatch it holds; losses are normalised by the
-    minibatch's global token count and gradients summed over processes, so the step is the full
-    minibatch's whatever the split. ``global_mask``: [B, R] response mask of the whole global batch.
+    minibatch's global counts (tokens, sequences) and gradients summed over processes, so the step is
+    the full minibatch's whatever the split into micro-batches and processes.
     """
     from instructrl.models import attention_implementation
 
     tc, rc = cfg.train, cfg.rollout
     policy, value = models.policy, models.value
-    B = global_mask.shape[0]
+    B = masks.response.shape[0]
     mine = dist.local_rows(B)
+    policy_mask = masks.policy[mine, :batch.response_mask.shape[1]]
+    beta = opts.kl_ctl.value
     P, share = batch.query.shape[1], models.share
     st = UpdateStats(policy_updated=progress.step >= tc.value_warmup_steps)  # critic warm-up: value model only
     mb_gen = torch.Generator().manual_seed(cfg.seed * 7919 + progress.step)
@@ -469,7 +488,11 @@ def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, global_mas
         perm = torch.randperm(B, generator=mb_gen)
         for start in range(0, B, tc.minibatch_size):
             mb = perm[start: start + tc.minibatch_size]
-            n_tok = global_mask[mb].sum().to(rt.device)
+            n_tok = masks.response[mb].sum().to(rt.device)  # the value loss's normaliser
+            pol = masks.policy[mb]  # the policy loss's normalisers: its tokens, its rows, the length budget
+            norm = {"num_tokens": pol.sum().to(rt.device), "aggregation": tc.loss_aggregation,
+                    "num_seqs": (pol.sum(1) > 0).sum().to(rt.device), "max_len": rc.max_new_tokens}
+            move_policy = st.policy_updated and bool(norm["num_tokens"] > 0)  # else: only flat groups here
             local = (mb[(mb >= mine.start) & (mb < mine.stop)] - mine.start).to(rt.device)
             for opt in (opts.policy_opt, opts.value_opt):
                 if opt is not None:
@@ -483,11 +506,15 @@ def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, global_mas
                         ids, am = window(batch, rows, p, r)
                         m = batch.response_mask[rows, :r]
                         low = (lower[rows, P - p: P + r], share) if share else None  # frozen: no grad needed
-                        if st.policy_updated:
+                        if move_policy:
                             lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature, low),
                                                  batch.response[rows, :r])
-                            pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], batch.advantages[rows, :r], m,
-                                                      tc.cliprange, n_tok)
+                            mp = policy_mask[rows, :r]
+                            pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], batch.advantages[rows, :r], mp,
+                                                      tc.cliprange, **norm)
+                            if tc.kl_in_loss:  # GRPO: β·KL(π‖π_SFT) in the loss, k3 estimator
+                                kl_term, _ = kl_loss(lp, batch.ref_logprobs[rows, :r], mp, **norm)
+                                pg = pg + beta * kl_term
                             pg.backward()
                             sums[0] += float(pg.detach())
                             sums[3] += float(pst["clipfrac"])
@@ -500,13 +527,13 @@ def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, global_mas
                             sums[1] += float(vf.detach())
                             sums[5] += float(vst["vf_clipfrac"])
                         sums[6] += float(m.sum())
-                if data.ptx_ids and st.policy_updated:
+                if data.ptx_ids and move_policy:
                     sums[2] += ptx_backward(cfg, models, data, progress, rt, dist)
             sums = dist.sum(sums, rt.device)
             dist.sum_gradients(pol_params + val_params)
             # non-finite loss or gradient: skip that model's update, count it, never save it
             pol_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
-            if st.policy_updated:
+            if move_policy:
                 if math.isfinite(sums[0] + sums[2]) and bool(torch.isfinite(pol_norm)):
                     opts.policy_opt.step()
                 else:
@@ -572,6 +599,7 @@ def metrics_row(progress: Progress, bs: BatchStats, up: UpdateStats, opts: Optim
         "skipped_policy_updates": progress.skipped["policy"], "skipped_value_updates": progress.skipped["value"],
         "lr": opts.policy_sched.get_last_lr()[0], **{f"time_{k}": v for k, v in times.items()},
         "tokens_per_s": bs.tokens / max(sum(times.values()), 1e-9), "world_size": world, "episodes": episodes,
+        "informative_groups": bs.informative,
     }
 
 
