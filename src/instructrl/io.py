@@ -272,7 +272,8 @@ RUN_FOLDERS = ("checkpoints",)
 # changing what it computes. A name without a dot matches that key in any section
 # ("threads" matches "runtime.threads"); a dotted name matches that key only.
 RESUME_SAFE_KEYS = frozenset({"resume", "overwrite", "output_dir", "threads", "device", "epochs", "steps",
-                              "total_steps", "max_steps", "log_every", "eval_every", "save_every"})
+                              "total_steps", "max_steps", "log_every", "eval_every", "save_every",
+                              "tracker", "sample_every"})
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -362,6 +363,7 @@ class RunDir:
     def __init__(self, path: str | Path, is_main: bool = True):
         self.path = Path(path)
         self.is_main = is_main
+        self.tracker = None  # instructrl.tracking.Tracker: every metrics row is also sent there
         self.log = logging.getLogger(f"instructrl.run.{self.path}")
         self.log.setLevel(logging.INFO)
         self.log.propagate = False
@@ -386,7 +388,21 @@ class RunDir:
             prepare_run_folder(path, dataclasses.asdict(cfg), resume, overwrite, safe_keys, outputs)
         run = cls(path, is_main)
         run.save_config(cfg)
+        kind = getattr(cfg, "tracker", "none")
+        if is_main and kind != "none":
+            import atexit
+
+            from instructrl.tracking import open_tracker
+
+            run.tracker = open_tracker(kind, run.path, name=run.path.name, config=dataclasses.asdict(cfg))
+            atexit.register(run.close)  # a run that stops early still flushes what it logged
         return run
+
+    def close(self) -> None:
+        """Flush and close the tracker (metrics.jsonl needs nothing: every row is flushed at once)."""
+        if self.tracker is not None:
+            tracker, self.tracker = self.tracker, None
+            tracker.close()
 
     @property
     def checkpoints(self) -> Path:
@@ -405,6 +421,13 @@ class RunDir:
         row = {k: (float(v) if hasattr(v, "item") else v) for k, v in row.items()}
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(row, step=row.get("step"))
+
+    def log_text(self, tag: str, text: str, step: int | None = None) -> None:
+        """A sample of completions for the tracker (nothing without one)."""
+        if self.is_main and self.tracker is not None:
+            self.tracker.log_text(tag, text, step)
 
     def info(self, msg: str) -> None:
         self.log.info(msg)

@@ -41,6 +41,7 @@ from instructrl.data import Ranking, load_rankings
 from instructrl.formatting import Example, TruncationStats, collate_examples, encode_prompt, encode_response, truncate
 from instructrl.io import DataError, RunDir, atomic_write_text
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field, rng_state, set_rng_state
+from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.train.common import (accumulate, check_trainable, cosine_schedule, optimizer_step, save_checkpoint,
                                      setup_accelerator, split_global_batch)
 
@@ -96,6 +97,7 @@ class DPOConfig:
     device: str = device_field()
     resume: bool = param(False, "continue from the latest checkpoint in output_dir (needs its reference_logps.pt)")
     overwrite: bool = overwrite_field()
+    tracker: TrackerKind = tracker_field()
     data: DPOData = param(DPOData(), "comparison data")
     train: DPOTrain = param(DPOTrain(), "optimisation")
 
@@ -374,4 +376,5 @@ def train_dpo(cfg: DPOConfig) -> Path:
              "steps": pos.step, "skipped_steps": pos.skipped, "rankings": len(items)}, indent=2))
         print(f"[dpo] saved policy -> {final}")
     run.info(f"done: {pos.step} steps, {pos.skipped} skipped (non-finite loss or gradient) -> {final}")
+    run.close()
     return final

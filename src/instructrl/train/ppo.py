@@ -37,6 +37,7 @@ import torch
 
 from instructrl.config import ConfigError, check, overwrite_field, param
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
+from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.train.ppo_phases import (RewardFn, compute_advantages, episode_generators, generate_trajectory,
                                          latest_checkpoint, load_data, load_models, make_dist, make_optimisers,
                                          metrics_row, ppo_update, Progress, restore, save_checkpoint,
@@ -155,6 +156,7 @@ class PPORun:
     keep_checkpoints: int = param(2, "how many recent checkpoints to keep", min=1)
     threads: int = param(0, "torch CPU threads; 0 = torch's default", min=0)
     deterministic: bool = param(False, "torch.use_deterministic_algorithms (bitwise-reproducible resume on CPU)")
+    sample_every: int = param(10, "with a tracker: log one sampled prompt and response every N steps", min=1)
 
 
 @dataclass
@@ -168,6 +170,7 @@ class PPOConfig:
     ptx_data: str = param("", "plain-text JSONL ({text}) for the PPO-ptx term; empty = plain PPO")
     output_dir: str = param("runs/ppo", "run folder: config, metrics, checkpoints, final policy/ and value/")
     overwrite: bool = overwrite_field()
+    tracker: TrackerKind = tracker_field()
     device: str = device_field()
     resume: bool = param(False, "continue from the latest checkpoint in output_dir (same config, same process count)")
     seed: int = param(0, "seed for prompt order, sampling and minibatch order", min=0)
@@ -266,6 +269,12 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}", skipped=sum(progress.skipped.values()))
         if not all(map(math.isfinite, (row["score"], row["pg_loss"]))):
             run.info(f"step {progress.step}: non-finite score/loss; updates skipped so far {progress.skipped}")
+        if progress.step % cfg.run.sample_every == 0 and run.tracker is not None:
+            from instructrl.generation import decode_responses
+
+            prompt = models.tok.decode(g.query[0][g.query_mask[0].bool()])
+            answer = decode_responses(models.tok, g.response[:1], g.response_mask[:1])[0]
+            run.log_text("samples", f"{prompt}\n---\n{answer}\n---\nscore {float(scored.scores[0]):.3f}", progress.step)
         if progress.step % cfg.run.checkpoint_every == 0 or progress.step == cfg.steps:
             save_checkpoint(run.checkpoints, models, opts, progress, dist, cfg.run.keep_checkpoints)
         if progress.step == kill_after:
@@ -285,4 +294,5 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                 models.value.save_pretrained(tmp, safe_serialization=True)
         plot_reward_vs_sqrt_kl({"ppo": reward_vs_sqrt_kl(run.read_metrics())}, run.path / "reward_vs_sqrt_kl.png")
     run.info(f"done: {progress.step} steps, skipped updates {progress.skipped}")
+    run.close()
     return run.path
