@@ -242,6 +242,27 @@ def test_sft_with_lora_resumes_exactly_after_a_kill(sft_run, tiny_model_dir, tmp
     assert Path(final) == out / "model"
 
 
+def test_sft_with_lora_selects_by_rm_score_from_adapter_checkpoints(tiny_model_dir, tmp_path):
+    from instructrl.models import load_tokenizer
+    from instructrl.reward_model import init_reward_model, save_reward_model
+
+    rm_dir = save_reward_model(init_reward_model(tiny_model_dir), load_tokenizer(tiny_model_dir), tmp_path / "rm")
+    train_sft(_sft_cfg(tiny_model_dir, tmp_path / "run", "select.metric=rm_score", f"select.reward_model={rm_dir}",
+                       "select.num_prompts=2", "select.max_new_tokens=4"))
+    from transformers import AutoModelForCausalLM
+
+    from instructrl.train.sft import load_checkpoint_lm
+
+    sel = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert len(sel["history"]) == 2 and all(isinstance(h["rm_score"], float) for h in sel["history"])
+    best = Path(sel["best"]["checkpoint"])
+    a, b = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (best, tmp_path / "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # adapter/ is the selected epoch's
+    with torch.no_grad():  # model/ is that epoch merged (base + its adapter)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")(_ids()).logits,
+                                   load_checkpoint_lm(best, str(tiny_model_dir))(_ids()).logits, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Reward model with LoRA
 # ---------------------------------------------------------------------------

@@ -43,8 +43,8 @@ _HEAD = "score"                # the scalar head of a reward model (AutoModelFor
 
 @dataclass
 class LoraSettings:
-    rank: int = param(0, "LoRA rank r of every adapted weight; 0 = off, full fine-tuning (Hu et al. 2021 use "
-                         "r = 1-8 for GPT-3 and find r = 4-8 as good as 64)", min=0)
+    rank: int = param(0, "LoRA rank r of every adapted weight; 0 = off, full fine-tuning (Hu et al. 2021: on "
+                         "GPT-3, r = 1-8 about as good as r = 64)", min=0)
     alpha: float = param(16.0, "LoRA α: the update B·A is scaled by α / rank (Hu et al. 2021 set α to the first "
                                "rank they try and leave it, so the learning rate need not change with r)",
                          min=0, min_exclusive=True)

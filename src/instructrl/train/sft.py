@@ -387,7 +387,7 @@ def rm_score_checkpoint(checkpoint: str, base: str, val_demos: list[Demonstratio
     from instructrl.models import load_tokenizer
     from instructrl.reward_model import load_reward_model, score
 
-    tok = load_tokenizer(checkpoint)
+    tok = load_tokenizer(base if (Path(checkpoint) / "adapter").is_dir() else checkpoint)  # a LoRA checkpoint: base's
     policy = load_checkpoint_lm(checkpoint, base).to(rt.device)
     rm = load_reward_model(sel.reward_model).to(rt.device).eval()
     prompts = [d.messages for d in val_demos[: sel.num_prompts]]
