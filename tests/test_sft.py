@@ -224,6 +224,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, tmp_
         train_sft(_cfg(tiny_model_dir, tmp_path / "b", *extra))
     monkeypatch.setattr(sft, "optimizer_step", real)
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["epoch-1", "epoch-2"]
+    # only the latest keeps its optimizer state; the older ones keep their weights (for selection)
+    assert [p.parent.name for p in (tmp_path / "b" / "checkpoints").glob("*/state.pt")] == ["epoch-2"]
     resumed = train_sft(_cfg(tiny_model_dir, tmp_path / "b", *extra, "resume=true"))
     a, b = load_file(Path(whole) / "model.safetensors"), load_file(Path(resumed) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

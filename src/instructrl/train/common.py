@@ -216,11 +216,22 @@ def restore(accelerator, ckpt: Path, opt, sched, order_rng: random.Random, run: 
     return pos, st
 
 
+def drop_older_states(accelerator, folder: Path, latest: Path) -> None:
+    """Delete ``state.pt`` from every checkpoint but ``latest``: only the latest is resumed from, and the
+    optimizer state it holds is twice the weights (AdamW). The older checkpoints keep their weights."""
+    if accelerator.is_main_process:
+        for p in Path(folder).glob(f"*/{STATE}"):
+            if p.parent != Path(latest):
+                p.unlink()
+    accelerator.wait_for_everyone()
+
+
 def resume_checkpoint(resume: bool, run: RunDir) -> Path | None:
     """The checkpoint to continue from (``--resume``), or None for a fresh run; no checkpoint is an error."""
     if not resume:
         return None
     ckpt = latest_checkpoint(run.checkpoints)
     if ckpt is None:
-        raise ConfigError(f"resume: no checkpoint with {STATE} in {run.checkpoints}; start without --resume")
+        raise ConfigError(f"resume: no checkpoint with {STATE} in {run.checkpoints}; start without --resume "
+                          f"(the rm writes checkpoints only with train.save_every > 0)")
     return ckpt

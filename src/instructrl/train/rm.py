@@ -50,8 +50,8 @@ from instructrl.lora import LoraSettings
 from instructrl.reward_model import RewardScorer, get_bias, init_reward_model, save_reward_model, set_bias
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.train.common import (Position, accumulate, check_finite_weights, check_trainable, checkpoint_state,
-                                     optimizer_step, restore, resume_checkpoint, save_checkpoint, setup_accelerator,
-                                     split_global_batch, split_validation)
+                                     drop_older_states, optimizer_step, restore, resume_checkpoint, save_checkpoint,
+                                     setup_accelerator, split_global_batch, split_validation)
 
 
 
@@ -230,7 +230,8 @@ class RMTrain:
                                                "head is trained in full (docs/lora.md)")
     seed: int = param(0, "seed for the split, shuffling and the head initialisation", min=0, max=2**32 - 1)
     log_every: int = param(1, "write a metrics row every N optimizer steps")
-    save_every: int = param(0, "also checkpoint every N optimizer steps (0 = at the end of each epoch only)", min=0)
+    save_every: int = param(0, "checkpoint every N optimizer steps and at each epoch's end, for --resume "
+                               "(0 = no checkpoints: an interrupted run starts over)", min=0)
 
     def validate(self):
         check(self.epochs >= 1, "train.epochs must be >= 1")
@@ -295,8 +296,9 @@ def train_rm(cfg: RMConfig) -> Path:
     3. model: SFT trunk + scalar head, LoRA adapters or frozen lower layers (optional), AdamW, cosine decay
     4. epoch(s): global batches of rankings -> this process's share -> micro-batches of whole
        rankings; K forward passes per ranking, all C(K,2) comparisons in the loss (eq. 1),
-       normalised by the rankings of the whole optimizer step; checkpoints at each epoch's end
-       and every ``train.save_every`` steps (weights or adapter, optimizer, schedule, RNG, position)
+       normalised by the rankings of the whole optimizer step; with ``train.save_every`` = N,
+       checkpoints every N steps and at each epoch's end (weights or adapter, optimizer, schedule,
+       RNG, position)
     5. bias normalization: mean score over demonstrations = 0 (§3.5)
     6. save (atomic; merged into a plain HF folder with LoRA, the adapter in ``adapter/``) and
        evaluate on the held-out rankings
@@ -393,10 +395,11 @@ def train_rm(cfg: RMConfig) -> Path:
         epoch_done = pos.start >= len(train_items)
         if epoch_done:
             pos.epoch, pos.start, pos.order = pos.epoch + 1, 0, None
-        if epoch_done or (tc.save_every and pos.step % tc.save_every == 0):
+        if tc.save_every and (epoch_done or pos.step % tc.save_every == 0):
             state = checkpoint_state(accelerator, pos, opt, sched, order_rng)
             path = save_checkpoint(accelerator, model, tok, run.checkpoints / f"step-{pos.step:06d}", tc.lr,
                                    extra=lambda tmp: torch.save(state, tmp / "state.pt"))
+            drop_older_states(accelerator, run.checkpoints, path)
             run.info(f"step {pos.step}: checkpoint -> {path}")
     bar.close()
     check_trainable(pos.skipped, pos.step, "rm", tc.lr, dc.train)

@@ -45,8 +45,8 @@ from instructrl.core.losses import sft_loss
 from instructrl.lora import LoraSettings
 from instructrl.runtime import Runtime
 from instructrl.train.common import (Position, accumulate, check_trainable, checkpoint_state, cosine_schedule,
-                                     optimizer_step, restore, resume_checkpoint, save_checkpoint, setup_accelerator,
-                                     split_global_batch, split_validation)
+                                     drop_older_states, optimizer_step, restore, resume_checkpoint, save_checkpoint,
+                                     setup_accelerator, split_global_batch, split_validation)
 
 
 @dataclass
@@ -349,6 +349,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         state = checkpoint_state(accelerator, Position(step, epoch + 1, 0, None, skipped), opt, sched, order_rng,
                                  history=history)
         save_checkpoint(accelerator, model, tok, path, tc.lr, extra=lambda tmp: torch.save(state, tmp / "state.pt"))
+        drop_older_states(accelerator, run.checkpoints, path)
         run.log_metrics({"step": step, "epoch": epoch, "val_loss": vloss})
         run.info(f"epoch {epoch}: val_loss={vloss:.4f} -> {path}")
         accelerator.print(f"[sft] epoch {epoch}: val_loss {vloss:.4f}")
