@@ -286,3 +286,33 @@ def test_config_errors(tmp_path, capsys):
     assert "trainable_layers" in capsys.readouterr().err
     assert main(["rm", "eval", "model=m"]) == 2
     assert "data" in capsys.readouterr().err
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Full fine-tuning, checkpoints every 2 steps: killed in step 4 of 5, ``--resume`` continues from
+    step-2 (weights, optimizer, schedule, RNG, data position) and saves the same model, bit for bit."""
+    from safetensors.torch import load_file
+
+    import instructrl.train.rm as rm_mod
+
+    train = _write(tmp_path / "train.jsonl", _synthetic(40, 0))
+    args = [f"model={tiny_model_dir}", f"data.train={train}", "data.val_fraction=0", "train.lr=3e-3",
+            "train.batch_size=8", "train.precision=fp32", "data.max_length=64", "train.save_every=2"]
+    assert main(["rm", *args, f"output_dir={tmp_path / 'a'}"]) == 0
+    real, calls = rm_mod.optimizer_step, []
+
+    def interrupt_at_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rm_mod, "optimizer_step", interrupt_at_4)
+    assert main(["rm", *args, f"output_dir={tmp_path / 'b'}"]) == 130  # "interrupted"
+    monkeypatch.setattr(rm_mod, "optimizer_step", real)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000002"]
+    assert main(["rm", *args, f"output_dir={tmp_path / 'b'}", "--resume"]) == 0
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: [r.get("loss") for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    assert rows("a") == rows("b") and len([x for x in rows("a") if x is not None]) == 5

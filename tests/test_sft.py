@@ -200,3 +200,45 @@ def test_sft_too_little_data_is_a_data_error_naming_the_file(tiny_model_dir, tmp
     with pytest.raises(DataError, match=str(path)):
         train_sft(cfg)
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Full fine-tuning: killed in epoch 3, ``resume=true`` continues from epoch-2's checkpoint (weights,
+    optimizer, schedule, RNG with residual dropout on) and ends with the same weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    import instructrl.train.sft as sft
+
+    extra = ("train.residual_dropout=0.1", "train.precision=fp32")
+    whole = train_sft(_cfg(tiny_model_dir, tmp_path / "a", *extra))
+    real, calls = sft.optimizer_step, []
+
+    def interrupt_at_8(*a, **k):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft, "optimizer_step", interrupt_at_8)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(_cfg(tiny_model_dir, tmp_path / "b", *extra))
+    monkeypatch.setattr(sft, "optimizer_step", real)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["epoch-1", "epoch-2"]
+    # only the latest keeps its optimizer state; the older ones keep their weights (for selection)
+    assert [p.parent.name for p in (tmp_path / "b" / "checkpoints").glob("*/state.pt")] == ["epoch-2"]
+    resumed = train_sft(_cfg(tiny_model_dir, tmp_path / "b", *extra, "resume=true"))
+    a, b = load_file(Path(whole) / "model.safetensors"), load_file(Path(resumed) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: [(r["step"], r.get("loss"), r.get("val_loss"))  # noqa: E731
+                      for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    sel_a, sel_b = (json.loads((d / "selection.json").read_text()) for d in (tmp_path / "a", tmp_path / "b"))
+    assert [h["val_loss"] for h in sel_a["history"]] == [h["val_loss"] for h in sel_b["history"]]
+    assert not (Path(resumed) / "state.pt").exists()  # model/ is a plain HF folder
+
+
+def test_resume_without_a_checkpoint_is_a_config_error(tiny_model_dir, tmp_path):
+    from instructrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train_sft(_cfg(tiny_model_dir, tmp_path / "run", "resume=true"))

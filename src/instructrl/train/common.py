@@ -6,7 +6,8 @@ Each loop reads top to bottom and calls these phases:
     mine = split_global_batch(global_batch, accelerator) # this process's share
     stats = accumulate(accelerator, model, micro_batches, loss_fn)   # no_sync on all but the last
     res = optimizer_step(accelerator, params, opt, sched, max_grad_norm, step_loss)  # skips non-finite steps
-    save_checkpoint(accelerator, model, tok, path)       # atomic, refuses non-finite weights
+    save_checkpoint(accelerator, model, tok, path)       # atomic, refuses non-finite weights; adapter only with LoRA
+    pos, st = restore(accelerator, resume_checkpoint(resume, run), opt, sched, order_rng, run)   # --resume
 
 The loss of every micro-batch is normalised by a count over the whole optimizer step and all
 processes (tokens, rankings), so any split into micro-batches and processes gives the full-batch
@@ -26,8 +27,8 @@ from typing import Callable, Sequence, TypeVar
 import torch
 
 from instructrl.config import ConfigError
-from instructrl.io import atomic_dir
-from instructrl.runtime import Runtime
+from instructrl.io import RunDir, atomic_dir, write_jsonl
+from instructrl.runtime import Runtime, rng_state, set_rng_state
 
 T = TypeVar("T")
 
@@ -138,16 +139,99 @@ def save_checkpoint(accelerator, model: torch.nn.Module, tokenizer, path: str | 
                     extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``model`` (unwrapped) + tokenizer to ``path`` atomically, main process only; all processes wait.
 
+    A model with LoRA adapters writes only them (+ an RM's head) to ``path/adapter`` (``lora.save_adapter``).
     ``extra(tmp)`` may add files (optimizer state, ...) to the folder before it is swapped into place.
     """
+    from instructrl.lora import is_lora, save_adapter
+
     path = Path(path)
     model = accelerator.unwrap_model(model)
     check_finite_weights(model, str(path), lr)
     if accelerator.is_main_process:
         with atomic_dir(path) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if is_lora(model):
+                save_adapter(model, tmp / "adapter")
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if extra is not None:
                 extra(tmp)
     accelerator.wait_for_everyone()
     return path
+
+
+# ---------------------------------------------------------------------------
+# Resume: where a loop is, saved with each checkpoint (``state.pt``)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Position:
+    """Where a loop is: the next batch is ``order[start:start + batch_size]`` of ``epoch``."""
+
+    step: int = 0
+    epoch: int = 1
+    start: int = 0
+    order: list[int] | None = None  # this epoch's shuffled order (None: not shuffled yet)
+    skipped: int = 0
+
+
+STATE = "state.pt"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint (``NAME-<number>``) with the highest number that holds a ``state.pt``."""
+    found = [p for p in Path(folder).glob("*-*") if (p / STATE).exists() and p.name.rsplit("-", 1)[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[-1])) if found else None
+
+
+def checkpoint_state(accelerator, pos: Position, opt, sched, order_rng: random.Random, **extra) -> dict:
+    """Everything besides the weights that a resumed run needs to continue bit for bit; every process
+    must call it (each one's RNG streams are gathered: dropout draws differ between processes)."""
+    from accelerate.utils import gather_object
+
+    return {"position": vars(pos).copy(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            "order_rng": order_rng.getstate(), "rng": gather_object([rng_state()]),
+            "world_size": accelerator.num_processes, **extra}
+
+
+def restore(accelerator, ckpt: Path, opt, sched, order_rng: random.Random, run: RunDir) -> tuple[Position, dict]:
+    """Load ``ckpt/state.pt`` into the optimizer, schedule and RNGs; drop metrics rows of later steps.
+
+    Call it after the model is built (building draws from the RNG). Returns the position and the state
+    (for loop-specific extras).
+    """
+    st = torch.load(ckpt / STATE, weights_only=False)
+    if st["world_size"] != accelerator.num_processes:
+        raise ConfigError(f"resume: {ckpt} was written by {st['world_size']} processes, this run has "
+                          f"{accelerator.num_processes}; resume with the same number for an exact continuation")
+    opt.load_state_dict(st["opt"])
+    sched.load_state_dict(st["sched"])
+    order_rng.setstate(st["order_rng"])
+    set_rng_state(st["rng"][accelerator.process_index])
+    pos = Position(**st["position"])
+    if run.is_main:  # rows written after the checkpoint belong to steps that will be redone
+        write_jsonl(run.path / "metrics.jsonl", [r for r in run.read_metrics() if r.get("step", 0) <= pos.step])
+    run.info(f"resumed from {ckpt.name} (step {pos.step}, epoch {pos.epoch}, position {pos.start})")
+    return pos, st
+
+
+def drop_older_states(accelerator, folder: Path, latest: Path) -> None:
+    """Delete ``state.pt`` from every checkpoint but ``latest``: only the latest is resumed from, and the
+    optimizer state it holds is twice the weights (AdamW). The older checkpoints keep their weights."""
+    if accelerator.is_main_process:
+        for p in Path(folder).glob(f"*/{STATE}"):
+            if p.parent != Path(latest):
+                p.unlink()
+    accelerator.wait_for_everyone()
+
+
+def resume_checkpoint(resume: bool, run: RunDir) -> Path | None:
+    """The checkpoint to continue from (``--resume``), or None for a fresh run; no checkpoint is an error."""
+    if not resume:
+        return None
+    ckpt = latest_checkpoint(run.checkpoints)
+    if ckpt is None:
+        raise ConfigError(f"resume: no checkpoint with {STATE} in {run.checkpoints}; start without --resume "
+                          f"(the rm writes checkpoints only with train.save_every > 0)")
+    return ckpt

@@ -46,9 +46,11 @@ from instructrl.plots import plot_calibration
 from instructrl.rm_metrics import calibration_bins, comparison_metrics, comparison_table, format_metrics
 from instructrl.formatting import TruncationStats, build_example, encode_prompt, encode_response, pad, truncate
 from instructrl.io import DataError
+from instructrl.lora import LoraSettings
 from instructrl.reward_model import RewardScorer, get_bias, init_reward_model, save_reward_model, set_bias
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
-from instructrl.train.common import (accumulate, check_finite_weights, check_trainable, optimizer_step,
+from instructrl.train.common import (Position, accumulate, check_finite_weights, check_trainable, checkpoint_state,
+                                     drop_older_states, optimizer_step, restore, resume_checkpoint, save_checkpoint,
                                      setup_accelerator, split_global_batch, split_validation)
 
 
@@ -222,9 +224,14 @@ class RMTrain:
     weight_decay: float = param(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = param(1.0, "gradient clipping norm; 0 disables", min=0)
     precision: Precision = precision_field()
-    trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm + head); -1 = all", min=-1)
+    trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm + head); -1 = all; "
+                                      "with train.lora: adapters in the top N blocks only (+ head)", min=-1)
+    lora: LoraSettings = param(LoraSettings(), "LoRA adapters on the trunk instead of full fine-tuning; the scalar "
+                                               "head is trained in full (docs/lora.md)")
     seed: int = param(0, "seed for the split, shuffling and the head initialisation", min=0, max=2**32 - 1)
     log_every: int = param(1, "write a metrics row every N optimizer steps")
+    save_every: int = param(0, "checkpoint every N optimizer steps and at each epoch's end, for --resume "
+                               "(0 = no checkpoints: an interrupted run starts over)", min=0)
 
     def validate(self):
         check(self.epochs >= 1, "train.epochs must be >= 1")
@@ -234,6 +241,8 @@ class RMTrain:
         check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
         check(self.trainable_layers >= -1, "train.trainable_layers must be -1 (all) or >= 0")
         check(self.log_every >= 1, "train.log_every must be >= 1")
+        check(not (self.lora.enabled and self.trainable_layers == 0),
+              "train.trainable_layers=0 with train.lora.rank > 0 leaves no block for the adapters; use -1 or N >= 1")
 
 
 @dataclass
@@ -241,6 +250,7 @@ class RMConfig:
     model: str = param("default", "the SFT model (causal LM folder) the RM starts from; 'default' = embedded SmolLM2")
     output_dir: str = param("runs/rm", "run folder: config.yaml, metrics.jsonl, log.txt, model/, eval.json, calibration.png")
     overwrite: bool = overwrite_field()
+    resume: bool = param(False, "continue from the latest checkpoint in output_dir")
     device: str = device_field()
     data: RMData = param(RMData(), "comparison data")
     train: RMTrain = param(RMTrain(), "optimisation")
@@ -260,19 +270,39 @@ def _load_rankings_counted(path: str, errors: str, log) -> list[Ranking]:
     return rankings
 
 
+def load_trainable_rm(cfg: RMConfig, ckpt: Path | None):
+    """The reward model to train: SFT trunk + new head (or a full checkpoint), then LoRA or frozen lower blocks."""
+    from instructrl.lora import apply_lora, load_adapter
+    from instructrl.models import freeze_lower_layers
+    from instructrl.reward_model import load_reward_model
+
+    tc = cfg.train
+    if tc.lora.enabled:
+        model = apply_lora(init_reward_model(cfg.model), tc.lora, tc.trainable_layers)
+        if ckpt is not None:
+            load_adapter(model, ckpt / "adapter")  # the adapter and the trained head
+    else:
+        model = load_reward_model(ckpt) if ckpt is not None else init_reward_model(cfg.model)
+        freeze_lower_layers(model, tc.trainable_layers)
+    model.train()
+    return model
+
+
 def train_rm(cfg: RMConfig) -> Path:
     """Train the reward model; returns ``output_dir/model``.
 
-    1. set-up: accelerator, seed, run folder
+    1. set-up: accelerator, seed, run folder (``--resume``: the latest checkpoint)
     2. data: load + validate rankings, split off validation, tokenize (truncation counted)
-    3. model: SFT trunk + scalar head, frozen lower layers (optional), AdamW, cosine decay
+    3. model: SFT trunk + scalar head, LoRA adapters or frozen lower layers (optional), AdamW, cosine decay
     4. epoch(s): global batches of rankings -> this process's share -> micro-batches of whole
        rankings; K forward passes per ranking, all C(K,2) comparisons in the loss (eq. 1),
-       normalised by the rankings of the whole optimizer step
+       normalised by the rankings of the whole optimizer step; with ``train.save_every`` = N,
+       checkpoints every N steps and at each epoch's end (weights or adapter, optimizer, schedule,
+       RNG, position)
     5. bias normalization: mean score over demonstrations = 0 (§3.5)
-    6. save (atomic) and evaluate on the held-out rankings
+    6. save (atomic; merged into a plain HF folder with LoRA, the adapter in ``adapter/``) and
+       evaluate on the held-out rankings
     """
-    import json
     import math
     import random
     import time
@@ -280,9 +310,10 @@ def train_rm(cfg: RMConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from instructrl.io import RunDir, atomic_write_text
+    from instructrl.io import RunDir
     from instructrl.core.losses import kwise_ranking_loss
-    from instructrl.models import freeze_lower_layers, load_tokenizer, make_adamw
+    from instructrl.lora import check_model_targets
+    from instructrl.models import load_tokenizer, make_adamw, resolve_model
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
     # 1. set-up ------------------------------------------------------------
@@ -291,91 +322,88 @@ def train_rm(cfg: RMConfig) -> Path:
     tc, dc = cfg.train, cfg.data
     accelerator = setup_accelerator(rt)
     set_seed(tc.seed)
-    run = RunDir.start(cfg.output_dir, cfg, overwrite=cfg.overwrite,
-                       outputs=("model", "eval.json", "calibration.png"),
+    run = RunDir.start(cfg.output_dir, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+                       outputs=("model", "adapter", "eval.json", "calibration.png", "summary.json"),
                        is_main=accelerator.is_main_process)
+    ckpt = resume_checkpoint(cfg.resume, run)
     dev = rt.device
     autocast = rt.autocast
 
     # 2. data --------------------------------------------------------------
     tok = load_tokenizer(cfg.model)
-    rankings = require_rows(_load_rankings_counted(dc.train, dc.errors, run.info), dc.train, "ranking")
-    if dc.val:
-        train_r, val_r = rankings, _load_rankings_counted(dc.val, dc.errors, run.info)
-    elif dc.val_fraction > 0 and len(rankings) > 1:
-        train_r, val_r = split_validation(rankings, dc.val_fraction, tc.seed)
-    else:
-        train_r, val_r = rankings, []
-    demos = load_demonstrations(dc.demonstrations) if dc.demonstrations else []
-    stats = RankingTruncation()
-    model = init_reward_model(cfg.model)
-    pad_id = model.config.pad_token_id
-    train_items = tokenize_rankings(tok, train_r, dc.max_length, dc.min_prompt_tokens, stats)
-    val_stats = RankingTruncation()
-    val_items = tokenize_rankings(tok, val_r, dc.max_length, dc.min_prompt_tokens, val_stats)
-    ks = sorted({it.k for it in train_items})
-    n_pairs = sum(len(r.pairs()) for r in train_r)
-    run.info(f"data: {len(train_items)} train rankings (K in {ks}, {n_pairs} comparisons), {len(val_items)} held out")
-    run.info(f"truncation (train): {stats.summary()}")
-    run.info(f"truncation (held out): {val_stats.summary()}")
-    if stats.prompts_cut or stats.responses_cut:
-        accelerator.print(f"[rm] truncation (train, max_length={dc.max_length}): {stats.summary()}")
+    train_items, val_items, demos, stats = load_data(cfg, tok, run, accelerator)
 
-    # 3. model, optimizer, schedule -----------------------------------------
-    n_train = freeze_lower_layers(model, tc.trainable_layers)
-    run.info(f"model: {type(model).__name__} from {cfg.model}; {n_train:,} trainable parameters")
-    model.train()
+    # 3. model, optimizer, schedule (+ resume) -------------------------------
+    if tc.lora.enabled:  # a bad target_modules fails here, before the weights are read
+        check_model_targets(resolve_model(cfg.model), tc.lora, reward_model=True)
+    model = load_trainable_rm(cfg, ckpt)
+    pad_id = model.config.pad_token_id
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    run.info(f"model: {type(model).__name__} from {cfg.model}; {sum(p.numel() for p in trainable):,} trainable "
+             f"parameters" + (f" (LoRA rank {tc.lora.rank} + head)" if tc.lora.enabled else ""))
     scorer = RewardScorer(model)
-    opt = make_adamw([p for p in model.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
+    opt = make_adamw(trainable, tc.lr, tc.weight_decay)
     steps_per_epoch = math.ceil(len(train_items) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, round(tc.warmup_ratio * total_steps), total_steps,
                                                          min_lr_rate=tc.min_lr_ratio)
     scorer, opt = accelerator.prepare(scorer, opt)
     order_rng = random.Random(tc.seed)  # the same order on every process
+    pos = Position()
+    if ckpt is not None:
+        pos, _ = restore(accelerator, ckpt, opt, sched, order_rng, run)
 
     # 4. epochs ------------------------------------------------------------
     params = [p for p in scorer.parameters() if p.requires_grad]
-    step, skipped = 0, 0
-    bar = tqdm(total=total_steps, desc="rm", disable=not accelerator.is_local_main_process)
-    for epoch in range(1, tc.epochs + 1):
-        order = list(range(len(train_items)))
-        order_rng.shuffle(order)
-        for start in range(0, len(order), tc.batch_size):
-            t0 = time.perf_counter()
-            global_batch = [train_items[i] for i in order[start:start + tc.batch_size]]
-            mine = split_global_batch(global_batch, accelerator)
-            micro = [collate_rankings(g, pad_id) for g in pack_rankings(mine, tc.micro_batch_size)]
+    bar = tqdm(total=total_steps, initial=pos.step, desc="rm", disable=not accelerator.is_local_main_process)
+    while pos.epoch <= tc.epochs:
+        if pos.order is None:
+            pos.order = list(range(len(train_items)))
+            order_rng.shuffle(pos.order)
+        t0 = time.perf_counter()
+        global_batch = [train_items[i] for i in pos.order[pos.start:pos.start + tc.batch_size]]
+        mine = split_global_batch(global_batch, accelerator)
+        micro = [collate_rankings(g, pad_id) for g in pack_rankings(mine, tc.micro_batch_size)]
 
-            def loss_fn(b):
-                with autocast():
-                    s = scorer(b.input_ids.to(dev), b.attention_mask.to(dev))
-                # Normaliser = rankings in the whole optimizer step: exact full-batch gradient.
-                return kwise_ranking_loss(s, b.group.to(dev), b.ranks.to(dev), num_rankings=len(global_batch))
+        def loss_fn(b):
+            with autocast():
+                s = scorer(b.input_ids.to(dev), b.attention_mask.to(dev))
+            # Normaliser = rankings in the whole optimizer step: exact full-batch gradient.
+            return kwise_ranking_loss(s, b.group.to(dev), b.ranks.to(dev), num_rankings=len(global_batch))
 
-            sts = accumulate(accelerator, scorer, micro, loss_fn)
-            local = [sum(st["loss_sum"].item() for st in sts), sum(int(st["correct"]) for st in sts),
-                     sum(st["pairs"] for st in sts), sum(b.input_ids.shape[0] for b in micro),
-                     sum(int(b.attention_mask.sum()) for b in micro)]
-            tot = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=dev), "sum").cpu()
-            step_loss = tot[0].item() / len(global_batch)
-            res = optimizer_step(accelerator, params, opt, sched, tc.max_grad_norm, step_loss)
-            skipped += res.skipped
-            step += 1
-            dt = time.perf_counter() - t0
-            row = {"step": step, "epoch": epoch, "loss": step_loss,
-                   "accuracy": tot[1].item() / max(tot[2].item(), 1), "comparisons": int(tot[2].item()),
-                   "rankings": len(global_batch), "sequences": int(tot[3].item()), "lr": sched.get_last_lr()[0],
-                   "grad_norm": res.grad_norm, "seconds": dt, "tokens_per_s": tot[4].item() / dt,
-                   "skipped_steps": skipped}
-            if step % tc.log_every == 0 or step == total_steps:
-                run.log_metrics(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            skipped=skipped)
-            bar.update(1)
+        sts = accumulate(accelerator, scorer, micro, loss_fn)
+        local = [sum(st["loss_sum"].item() for st in sts), sum(int(st["correct"]) for st in sts),
+                 sum(st["pairs"] for st in sts), sum(b.input_ids.shape[0] for b in micro),
+                 sum(int(b.attention_mask.sum()) for b in micro)]
+        tot = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=dev), "sum").cpu()
+        step_loss = tot[0].item() / len(global_batch)
+        res = optimizer_step(accelerator, params, opt, sched, tc.max_grad_norm, step_loss)
+        pos.skipped += res.skipped
+        pos.step += 1
+        pos.start += tc.batch_size
+        dt = time.perf_counter() - t0
+        row = {"step": pos.step, "epoch": pos.epoch, "loss": step_loss,
+               "accuracy": tot[1].item() / max(tot[2].item(), 1), "comparisons": int(tot[2].item()),
+               "rankings": len(global_batch), "sequences": int(tot[3].item()), "lr": sched.get_last_lr()[0],
+               "grad_norm": res.grad_norm, "seconds": dt, "tokens_per_s": tot[4].item() / dt,
+               "skipped_steps": pos.skipped}
+        if pos.step % tc.log_every == 0 or pos.step == total_steps:
+            run.log_metrics(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                        skipped=pos.skipped)
+        bar.update(1)
+        epoch_done = pos.start >= len(train_items)
+        if epoch_done:
+            pos.epoch, pos.start, pos.order = pos.epoch + 1, 0, None
+        if tc.save_every and (epoch_done or pos.step % tc.save_every == 0):
+            state = checkpoint_state(accelerator, pos, opt, sched, order_rng)
+            path = save_checkpoint(accelerator, model, tok, run.checkpoints / f"step-{pos.step:06d}", tc.lr,
+                                   extra=lambda tmp: torch.save(state, tmp / "state.pt"))
+            drop_older_states(accelerator, run.checkpoints, path)
+            run.info(f"step {pos.step}: checkpoint -> {path}")
     bar.close()
-    check_trainable(skipped, step, "rm", tc.lr, dc.train)
-    run.info(f"done: {step} steps, {skipped} skipped (non-finite loss or gradient)")
+    check_trainable(pos.skipped, pos.step, "rm", tc.lr, dc.train)
+    run.info(f"done: {pos.step} steps, {pos.skipped} skipped (non-finite loss or gradient)")
     model = accelerator.unwrap_model(scorer).model
     model.eval()
     check_finite_weights(model, cfg.output_dir, tc.lr)  # never save (or normalise) a broken model
@@ -390,27 +418,70 @@ def train_rm(cfg: RMConfig) -> Path:
                  f"{norm['mean_after']:.2e} (bias {norm['bias']:.4f})")
     else:
         run.info("no data.demonstrations: reward_bias left at 0 (scores are not normalized)")
-    run.log_metrics({"step": step, **{f"norm_{k}": v for k, v in norm.items() if k != "truncation"}})
+    run.log_metrics({"step": pos.step, **{f"norm_{k}": v for k, v in norm.items() if k != "truncation"}})
 
     # 6. save + held-out evaluation -----------------------------------------
     final = Path(cfg.output_dir) / "model"
     if accelerator.is_main_process:
-        save_reward_model(model, tok, final)
-        run.info(f"saved reward model -> {final}")
-        if val_items:
-            m = evaluate(RewardScorer(model), val_items, pad_id, cfg.output_dir, tc.micro_batch_size, autocast, dev,
-                         seed=tc.seed)
-            run.log_metrics({"step": step, "val_accuracy": m["overall"]["accuracy"],
-                             "val_log_loss": m["overall"]["log_loss"]})
-            table = format_metrics(m)
-            run.info("held-out evaluation:\n" + table)
-            print(f"[rm] held-out comparisons ({cfg.output_dir}/eval.json, calibration.png):\n{table}")
-        atomic_write_text(Path(cfg.output_dir) / "summary.json", json.dumps(
-            {"model": str(final), "steps": step, "train_rankings": len(train_items), "val_rankings": len(val_items),
-             "truncation": stats.summary(), "normalization": norm}, indent=2))
-        print(f"[rm] saved reward model -> {final}")
+        save_and_evaluate(cfg, model, tok, train_items, val_items, stats, norm, pos.step, rt, run)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_data(cfg: RMConfig, tok, run, accelerator) -> tuple[list, list, list, RankingTruncation]:
+    """(train rankings, held-out rankings) tokenized, the demonstrations for the bias, truncation counts."""
+    tc, dc = cfg.train, cfg.data
+    rankings = require_rows(_load_rankings_counted(dc.train, dc.errors, run.info), dc.train, "ranking")
+    if dc.val:
+        train_r, val_r = rankings, _load_rankings_counted(dc.val, dc.errors, run.info)
+    elif dc.val_fraction > 0 and len(rankings) > 1:
+        train_r, val_r = split_validation(rankings, dc.val_fraction, tc.seed)
+    else:
+        train_r, val_r = rankings, []
+    demos = load_demonstrations(dc.demonstrations) if dc.demonstrations else []
+    stats = RankingTruncation()
+    train_items = tokenize_rankings(tok, train_r, dc.max_length, dc.min_prompt_tokens, stats)
+    val_stats = RankingTruncation()
+    val_items = tokenize_rankings(tok, val_r, dc.max_length, dc.min_prompt_tokens, val_stats)
+    ks = sorted({it.k for it in train_items})
+    n_pairs = sum(len(r.pairs()) for r in train_r)
+    run.info(f"data: {len(train_items)} train rankings (K in {ks}, {n_pairs} comparisons), {len(val_items)} held out")
+    run.info(f"truncation (train): {stats.summary()}")
+    run.info(f"truncation (held out): {val_stats.summary()}")
+    if stats.prompts_cut or stats.responses_cut:
+        accelerator.print(f"[rm] truncation (train, max_length={dc.max_length}): {stats.summary()}")
+    return train_items, val_items, demos, stats
+
+
+def save_and_evaluate(cfg: RMConfig, model, tok, train_items: list, val_items: list, stats: RankingTruncation,
+                      norm: dict, steps: int, rt, run) -> None:
+    """Write ``model/`` (merged, and ``adapter/``, with LoRA), evaluate the held-out rankings, ``summary.json``."""
+    import json
+
+    from instructrl.io import atomic_write_text
+    from instructrl.lora import merged_copy, save_adapter
+
+    final = Path(cfg.output_dir) / "model"
+    tc = cfg.train
+    if tc.lora.enabled:  # later stages (PPO's value model, rm eval) read a plain HF folder
+        save_reward_model(merged_copy(model), tok, final)
+        save_adapter(model, Path(cfg.output_dir) / "adapter")
+    else:
+        save_reward_model(model, tok, final)
+    run.info(f"saved reward model -> {final}")
+    if val_items:
+        m = evaluate(RewardScorer(model), val_items, model.config.pad_token_id, cfg.output_dir,
+                     tc.micro_batch_size, rt.autocast, rt.device, seed=tc.seed)
+        run.log_metrics({"step": steps, "val_accuracy": m["overall"]["accuracy"],
+                         "val_log_loss": m["overall"]["log_loss"]})
+        table = format_metrics(m)
+        run.info("held-out evaluation:\n" + table)
+        print(f"[rm] held-out comparisons ({cfg.output_dir}/eval.json, calibration.png):\n{table}")
+    atomic_write_text(Path(cfg.output_dir) / "summary.json", json.dumps(
+        {"model": str(final), "steps": steps, "train_rankings": len(train_items), "val_rankings": len(val_items),
+         "truncation": stats.summary(), "normalization": norm}, indent=2))
+    print(f"[rm] saved reward model -> {final}")
+
 
 def evaluate(scorer, items: list[TokenizedRanking], pad_id: int, out_dir: str | Path | None = None,
              max_sequences: int = 16, autocast=None, device="cpu", n_boot: int = 2000, seed: int = 0,

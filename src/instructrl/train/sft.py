@@ -13,9 +13,14 @@ help RM score and human preference). Loss is on response tokens only.
 4. epochs: global batches -> this process's share -> micro-batches; the loss is
    normalised by the token count of the whole optimizer step across every
    micro-batch and process, so any split gives the full-batch gradient
-5. after each epoch: validation loss, checkpoint (atomic)
+5. after each epoch: validation loss, checkpoint (atomic; with its optimizer, schedule
+   and RNG state, so ``--resume`` continues from the last finished epoch exactly)
 6. selection: best epoch by validation loss, or by mean RM score of sampled
    responses on validation prompts when ``select.reward_model`` is given
+
+With ``train.lora.rank`` > 0 (docs/lora.md) only LoRA adapters train, checkpoints hold the
+adapter alone, ``model/`` is the selected epoch merged into a plain Hugging Face folder and
+``adapter/`` its adapter.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ from instructrl.data import Demonstration, load_demonstrations
 from instructrl.formatting import Example, TruncationStats, build_example, collate_examples
 from instructrl.io import DataError, RunDir, atomic_dir, atomic_write_text
 from instructrl.core.losses import sft_loss
+from instructrl.lora import LoraSettings
 from instructrl.runtime import Runtime
-from instructrl.train.common import (accumulate, check_trainable, cosine_schedule, optimizer_step, save_checkpoint,
+from instructrl.train.common import (Position, accumulate, check_trainable, checkpoint_state, cosine_schedule,
+                                     drop_older_states, optimizer_step, restore, resume_checkpoint, save_checkpoint,
                                      setup_accelerator, split_global_batch, split_validation)
 
 
@@ -73,11 +80,15 @@ class SFTTrain:
     precision: Precision = precision_field()
     seed: int = param(0, "seed for shuffling, dropout and initialisation", min=0, max=2**32 - 1)
     train_prompt: bool = param(False, "also train on prompt tokens (the paper trains on responses only)")
-    trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm); -1 = all (the paper)", min=-1)
+    trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm); -1 = all (the paper); "
+                                      "with train.lora: adapters in the top N blocks only", min=-1)
+    lora: LoraSettings = param(LoraSettings(), "LoRA adapters instead of full fine-tuning (docs/lora.md)")
 
     def validate(self):
         check(self.epochs >= 1, "train.epochs must be >= 1")
         check(self.trainable_layers >= -1, "train.trainable_layers must be -1 (all) or >= 0")
+        check(not (self.lora.enabled and self.trainable_layers == 0),
+              "train.trainable_layers=0 with train.lora.rank > 0 leaves no block for the adapters; use -1 or N >= 1")
         check(self.lr > 0, "train.lr must be > 0")
         check(self.batch_size >= 1 and self.micro_batch_size >= 1, "train.batch_size and micro_batch_size must be >= 1")
         check(0 <= self.residual_dropout < 1, "train.residual_dropout must be in [0, 1)")
@@ -103,6 +114,7 @@ class SFTConfig:
     model: str = param("default", "base model: 'default' (embedded SmolLM2-135M-Instruct), a folder, or a hub id")
     output_dir: str = param("runs/sft", "run folder: config.yaml, metrics.jsonl, log.txt, checkpoints/, model/")
     overwrite: bool = overwrite_field()
+    resume: bool = param(False, "continue from the last finished epoch's checkpoint in output_dir")
     device: str = device_field()
     data: SFTData = param(SFTData(), "demonstration data")
     train: SFTTrain = param(SFTTrain(), "optimisation")
@@ -139,6 +151,53 @@ def add_residual_dropout(model: torch.nn.Module, p: float) -> list:
     if not handles:
         raise ValueError(f"residual dropout: found no attention/MLP blocks in {type(model).__name__}")
     return handles
+
+
+def load_trainable(cfg: "SFTConfig", ckpt: Path | None):
+    """The model to train: base (or a full checkpoint), residual dropout, then LoRA or frozen lower blocks."""
+    from instructrl.lora import apply_lora, load_adapter
+    from instructrl.models import freeze_lower_layers, load_causal_lm
+
+    tc = cfg.train
+    model = load_causal_lm(str(ckpt) if ckpt is not None and not tc.lora.enabled else cfg.model)
+    model.config.use_cache = False
+    add_residual_dropout(model, tc.residual_dropout)
+    if tc.lora.enabled:
+        apply_lora(model, tc.lora, tc.trainable_layers)
+        if ckpt is not None:
+            load_adapter(model, ckpt / "adapter")
+    else:
+        freeze_lower_layers(model, tc.trainable_layers)
+    model.train()
+    return model
+
+
+def load_checkpoint_lm(checkpoint: str | Path, base: str):
+    """A checkpoint's model as a plain causal LM: the folder itself, or ``base`` + its adapter, merged."""
+    from instructrl.lora import load_adapter, merged_copy
+    from instructrl.models import load_causal_lm
+
+    adapter = Path(checkpoint) / "adapter"
+    if adapter.is_dir():
+        return merged_copy(load_adapter(load_causal_lm(base), adapter))
+    return load_causal_lm(str(checkpoint))
+
+
+def write_selected(cfg: "SFTConfig", best: dict, tok) -> Path:
+    """``output_dir/model`` = the selected checkpoint as a plain HF folder (merged with LoRA, and the
+    adapter also in ``output_dir/adapter``). Main process only."""
+    out, ckpt = Path(cfg.output_dir), Path(best["checkpoint"])
+    if cfg.train.lora.enabled:
+        model = load_checkpoint_lm(ckpt, cfg.model)
+        with atomic_dir(out / "model") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        with atomic_dir(out / "adapter") as tmp:
+            shutil.copytree(ckpt / "adapter", tmp, dirs_exist_ok=True)
+    else:
+        with atomic_dir(out / "model") as tmp:
+            shutil.copytree(ckpt, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("state.pt"))
+    return out / "model"
 
 
 def tokenize_demonstrations(tokenizer, demos: list[Demonstration], cfg: SFTData, stats: TruncationStats) -> list[Example]:
@@ -202,7 +261,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from instructrl.models import freeze_lower_layers, load_causal_lm, load_tokenizer, make_adamw
+    from instructrl.lora import check_model_targets
+    from instructrl.models import load_tokenizer, make_adamw, resolve_model
 
     # 1. set-up ------------------------------------------------------------
     rt = make_runtime(cfg.device, cfg.train.precision)
@@ -210,8 +270,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     tc = cfg.train
     accelerator = setup_accelerator(rt, tc.batch_size)
     set_seed(tc.seed)
-    run = RunDir.start(cfg.output_dir, cfg, overwrite=cfg.overwrite, outputs=("model", "selection.json"),
-                       is_main=accelerator.is_main_process)
+    run = RunDir.start(cfg.output_dir, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+                       outputs=("model", "adapter", "selection.json"), is_main=accelerator.is_main_process)
+    ckpt = resume_checkpoint(cfg.resume, run)
     dev = rt.device
 
     # 2. data --------------------------------------------------------------
@@ -224,25 +285,30 @@ def train_sft(cfg: SFTConfig) -> Path:
     if stats.prompts_cut or stats.responses_cut:
         accelerator.print(f"[sft] truncation: {stats.summary()}")
 
-    # 3. model, optimizer, schedule -----------------------------------------
-    model = load_causal_lm(cfg.model)
-    model.config.use_cache = False
-    add_residual_dropout(model, tc.residual_dropout)
-    freeze_lower_layers(model, tc.trainable_layers)
-    model.train()
-    opt = make_adamw([p for p in model.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
+    # 3. model, optimizer, schedule (+ resume) -------------------------------
+    if tc.lora.enabled:  # a bad target_modules fails here, before the weights are read
+        check_model_targets(resolve_model(cfg.model), tc.lora)
+    model = load_trainable(cfg, ckpt)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    run.info(f"model: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
+             f"parameters trained" + (f" (LoRA rank {tc.lora.rank} on {','.join(tc.lora.target_modules)})"
+                                      if tc.lora.enabled else ""))
+    opt = make_adamw(trainable, tc.lr, tc.weight_decay)
     steps_per_epoch = math.ceil(len(train_ex) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     sched = cosine_schedule(opt, max(1, round(tc.warmup_ratio * total_steps)), total_steps, tc.min_lr_ratio)
     model, opt = accelerator.prepare(model, opt)
     params = [p for p in model.parameters() if p.requires_grad]
     order_rng = random.Random(tc.seed)  # the same order on every process
+    pos, history = Position(), []
+    if ckpt is not None:
+        pos, st = restore(accelerator, ckpt, opt, sched, order_rng, run)
+        history = st["history"]
+    step, skipped = pos.step, pos.skipped
 
     # 4. epochs ------------------------------------------------------------
-    history = []
-    step, skipped = 0, 0
-    bar = tqdm(total=total_steps, desc="sft", disable=not accelerator.is_local_main_process)
-    for epoch in range(1, tc.epochs + 1):
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not accelerator.is_local_main_process)
+    for epoch in range(pos.epoch, tc.epochs + 1):
         order = list(range(len(train_ex)))
         order_rng.shuffle(order)
         skipped_before = skipped
@@ -278,11 +344,14 @@ def train_sft(cfg: SFTConfig) -> Path:
         # The unwrapped module: a DDP forward would wait for processes with no validation share.
         vloss = validation_loss(accelerator.unwrap_model(model), val_ex, tok.pad_token_id, tc.micro_batch_size,
                                 accelerator, rt.autocast)
-        ckpt = save_checkpoint(accelerator, model, tok, run.checkpoints / f"epoch-{epoch}", tc.lr)
-        entry = {"epoch": epoch, "step": step, "val_loss": vloss, "checkpoint": str(ckpt)}
-        history.append(entry)
+        path = run.checkpoints / f"epoch-{epoch}"
+        history.append({"epoch": epoch, "step": step, "val_loss": vloss, "checkpoint": str(path)})
+        state = checkpoint_state(accelerator, Position(step, epoch + 1, 0, None, skipped), opt, sched, order_rng,
+                                 history=history)
+        save_checkpoint(accelerator, model, tok, path, tc.lr, extra=lambda tmp: torch.save(state, tmp / "state.pt"))
+        drop_older_states(accelerator, run.checkpoints, path)
         run.log_metrics({"step": step, "epoch": epoch, "val_loss": vloss})
-        run.info(f"epoch {epoch}: val_loss={vloss:.4f} -> {ckpt}")
+        run.info(f"epoch {epoch}: val_loss={vloss:.4f} -> {path}")
         accelerator.print(f"[sft] epoch {epoch}: val_loss {vloss:.4f}")
     bar.close()
     run.info(f"done: {step} steps, {skipped} skipped (non-finite loss or gradient)")
@@ -292,13 +361,13 @@ def train_sft(cfg: SFTConfig) -> Path:
     if accelerator.is_main_process:
         if cfg.select.metric == "rm_score":
             for entry in history:
-                entry["rm_score"] = rm_score_checkpoint(entry["checkpoint"], val_demos, cfg.select, tc.seed, rt)
+                entry["rm_score"] = rm_score_checkpoint(entry["checkpoint"], cfg.model, val_demos, cfg.select,
+                                                        tc.seed, rt)
                 run.info(f"epoch {entry['epoch']}: mean RM score {entry['rm_score']:.4f}")
             best = max(history, key=lambda e: e["rm_score"])
         else:
             best = min(history, key=lambda e: e["val_loss"])
-        with atomic_dir(final) as tmp:
-            shutil.copytree(best["checkpoint"], tmp, dirs_exist_ok=True)
+        write_selected(cfg, best, tok)
         atomic_write_text(Path(cfg.output_dir) / "selection.json",
                           json.dumps({"metric": cfg.select.metric, "best": best, "history": history}, indent=2))
         run.info(f"selected epoch {best['epoch']} by {cfg.select.metric} -> {final}")
@@ -307,7 +376,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     return final
 
 
-def rm_score_checkpoint(checkpoint: str, val_demos: list[Demonstration], sel: SFTSelect, seed: int,
+def rm_score_checkpoint(checkpoint: str, base: str, val_demos: list[Demonstration], sel: SFTSelect, seed: int,
                         rt: Runtime) -> float:
     """Mean reward-model score of responses sampled from ``checkpoint`` on validation prompts.
 
@@ -316,11 +385,11 @@ def rm_score_checkpoint(checkpoint: str, val_demos: list[Demonstration], sel: SF
     """
     from instructrl.formatting import pad
     from instructrl.generation import generate_texts
-    from instructrl.models import load_causal_lm, load_tokenizer
+    from instructrl.models import load_tokenizer
     from instructrl.reward_model import load_reward_model, score
 
-    tok = load_tokenizer(checkpoint)
-    policy = load_causal_lm(checkpoint).to(rt.device)
+    tok = load_tokenizer(base if (Path(checkpoint) / "adapter").is_dir() else checkpoint)  # a LoRA checkpoint: base's
+    policy = load_checkpoint_lm(checkpoint, base).to(rt.device)
     rm = load_reward_model(sel.reward_model).to(rt.device).eval()
     prompts = [d.messages for d in val_demos[: sel.num_prompts]]
     responses = [r[0] for r in generate_texts(policy, tok, prompts, sel.max_new_tokens, seed=seed,
