@@ -215,8 +215,12 @@ def build_tiny_tokenizer(vocab_size: int = 384):
     return tok
 
 
-def build_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
-    """Save a randomly initialised tiny Llama + tokenizer as a normal HF folder."""
+def build_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0,
+                     init_std: float = 0.02) -> Path:
+    """Save a randomly initialised tiny Llama + tokenizer as a normal HF folder.
+
+    ``init_std``: the weights' init std (transformers' 0.02 gives near-uniform next-token
+    distributions at this width; a larger one gives peaked ones a LoRA adapter can move)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
@@ -225,7 +229,7 @@ def build_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, hea
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)

@@ -36,11 +36,12 @@ from typing import Literal
 import torch
 
 from instructrl.config import ConfigError, check, overwrite_field, param
+from instructrl.lora import LoraSettings
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.train.ppo_phases import (RewardFn, compute_advantages, episode_generators, generate_trajectory,
                                          latest_checkpoint, load_data, load_models, make_dist, make_optimisers,
-                                         metrics_row, ppo_update, Progress, restore, save_checkpoint,
+                                         metrics_row, ppo_update, Progress, restore, save_checkpoint, save_final,
                                          score_trajectory, step_prompts)
 
 # Fault injection for the crash test: SIGKILL this process right after finishing this step.
@@ -135,7 +136,11 @@ class PPOTrain:
     ptx_batch_size: int = param(4, "plain-text sequences per minibatch for the ptx term", min=1)
     ptx_max_tokens: int = param(256, "pretraining sequences are cut to this many tokens", min=2)
     precision: Precision = precision_field()
-    trainable_layers: int = param(-1, "train only the top N blocks (+ final norm, value head) of policy and value model; -1 = all", min=-1)
+    trainable_layers: int = param(-1, "train only the top N blocks (+ final norm, value head) of policy and value "
+                                      "model; with train.lora: adapters in the top N blocks only; -1 = all", min=-1)
+    lora: LoraSettings = param(LoraSettings(), "LoRA adapters on policy and value model instead of full fine-tuning; "
+                                               "the reference is then the policy with its adapter switched off: one "
+                                               "copy of the base weights (docs/lora.md)")
     share_frozen_blocks: bool = param(
         True, "with trainable_layers: run the lower blocks that policy, reference, RM and value model hold "
               "bitwise equal and frozen (all started from one SFT model) once per sequence, and reuse that "
@@ -146,6 +151,8 @@ class PPOTrain:
                 "own; model = always the model's own; or eager / sdpa")
 
     def validate(self):
+        check(not (self.lora.enabled and self.trainable_layers == 0),
+              "train.trainable_layers=0 with train.lora.rank > 0 leaves no block for the adapters; use -1 or N >= 1")
         check(self.advantage == "gae" or self.value_warmup_steps == 0,
               f"train.value_warmup_steps needs train.advantage=gae ({self.advantage} has no value model)")
 
@@ -200,7 +207,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     """Run PPO(-ptx); returns the run folder. ``reward_fn`` replaces the reward model (tests, scripted rewards)."""
     from tqdm import tqdm
 
-    from instructrl.io import RunDir, atomic_dir
+    from instructrl.io import RunDir
 
     rc, tc = cfg.rollout, cfg.train
     if reward_fn is None and not cfg.reward_model:
@@ -217,7 +224,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
 
     # --- set-up: run folder, models, data, optimizers; a resumed run continues from its checkpoint ---
     run = RunDir.start(cfg.output_dir, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
-                       outputs=("policy", "value", "reward_vs_sqrt_kl.png"), is_main=dist.is_main)
+                       outputs=("policy", "value", "policy_adapter", "value_adapter", "reward_vs_sqrt_kl.png"), is_main=dist.is_main)
     ckpt = latest_checkpoint(run.checkpoints) if cfg.resume else None
     if cfg.resume and ckpt is None:
         run.info("resume requested but no checkpoint found: starting from step 0")
@@ -286,12 +293,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     if dist.is_main:
         from instructrl.plots import plot_reward_vs_sqrt_kl, reward_vs_sqrt_kl
 
-        with atomic_dir(run.path / "policy", legacy=("config.json",)) as tmp:
-            models.policy.save_pretrained(tmp, safe_serialization=True)
-            models.tok.save_pretrained(tmp)
-        if models.value is not None:
-            with atomic_dir(run.path / "value", legacy=("config.json",)) as tmp:
-                models.value.save_pretrained(tmp, safe_serialization=True)
+        save_final(run.path, models)
         plot_reward_vs_sqrt_kl({"ppo": reward_vs_sqrt_kl(run.read_metrics())}, run.path / "reward_vs_sqrt_kl.png")
     run.info(f"done: {progress.step} steps, skipped updates {progress.skipped}")
     run.close()

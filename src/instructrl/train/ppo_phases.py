@@ -163,40 +163,65 @@ class Models:
 def load_models(cfg, rt: Runtime, ckpt: Path | None, scripted_reward: bool) -> Models:
     """Policy (trained), reference (frozen SFT), reward (frozen), value (trained, initialised from the RM).
 
-    A resumed run loads the trained policy and value model from its checkpoint; the rest from the config.
+    A resumed run loads the trained policy and value model from its checkpoint (under LoRA: their
+    adapters, on the config's base); the rest from the config.
     """
+    from instructrl.lora import apply_lora, check_model_targets, load_adapter
     from instructrl.models import (drop_stale_quantization, freeze_lower_layers, load_causal_lm, load_tokenizer,
                                    resolve_model, shared_frozen_blocks)
     from instructrl.reward_model import init_reward_model, load_reward_model
 
-    tc = cfg.train
+    tc, lora = cfg.train, cfg.train.lora.enabled
     torch.manual_seed(cfg.seed)  # a fresh value head is drawn from the global RNG: same seed, same head
     policy_path = resolve_model(cfg.policy or None)
+    ref_path = resolve_model(cfg.reference) if cfg.reference else policy_path
+    if lora:  # a bad target_modules fails here, before any weights are read
+        check_model_targets(policy_path, tc.lora)
     tok = load_tokenizer(policy_path)
-    policy = load_causal_lm(str(ckpt / "policy") if ckpt else policy_path)
-    ref = load_causal_lm(resolve_model(cfg.reference) if cfg.reference else policy_path).eval().requires_grad_(False)
+    # with LoRA a checkpoint holds adapters only: the base comes from the config
+    policy = load_causal_lm(str(ckpt / "policy") if ckpt and not lora else policy_path)
+    # LoRA: the reference is the policy's base (adapter off), unless a different reference is asked for
+    ref = None if lora and Path(ref_path).resolve() == Path(policy_path).resolve() else \
+        load_causal_lm(ref_path).eval().requires_grad_(False)
     rm = None if scripted_reward else load_reward_model(cfg.reward_model).eval().requires_grad_(False)
     value = None
-    if tc.advantage == "gae":  # rloo needs no value model
-        if ckpt:
+    if tc.advantage == "gae":  # the critic-free advantages need no value model
+        if ckpt and not lora:
             value = load_reward_model(ckpt / "value")
         elif cfg.value_model or cfg.reward_model:
             value = load_reward_model(cfg.value_model or cfg.reward_model)
         else:  # a scripted reward has no weights: a fresh scalar head on the SFT trunk
             value = init_reward_model(policy_path)
     models = Models(tok, policy, ref, rm, value)
+    for m in models.trained:
+        drop_stale_quantization(m)
+        if lora:  # adapters (+ the value head) train, the base is frozen
+            apply_lora(m, tc.lora, tc.trainable_layers)
+            if ckpt:
+                load_adapter(m, ckpt / ("policy" if m is policy else "value"))
+        else:
+            freeze_lower_layers(m, tc.trainable_layers)
     for m in (policy, ref, rm, value):
         if m is not None:
             m.to(rt.device)
-    for m in models.trained:
-        drop_stale_quantization(m)
-        freeze_lower_layers(m, tc.trainable_layers)
-    if tc.share_frozen_blocks and tc.trainable_layers >= 0:
-        models.share = shared_frozen_blocks([m for m in (policy, ref, rm, value) if m is not None], models.trained)
     models.train_attention = {"model": None, "auto": None}.get(tc.attention, tc.attention)
     if tc.attention == "auto" and rt.amp_dtype is not None and rt.device.type == "cpu":
         models.train_attention = "eager"  # the fused kernel's bf16 backward is slow on CPU (docs/ppo.md)
+    if tc.share_frozen_blocks and tc.trainable_layers >= 0:
+        models.share = shared_frozen_blocks([m for m in (policy, ref, rm, value) if m is not None], models.trained)
     return models
+
+
+def reference_logits(models: Models, ids: torch.Tensor, am: torch.Tensor, r: int, temperature: float,
+                     low: tuple[torch.Tensor, int] | None) -> torch.Tensor:
+    """π_SFT's logits for the response tokens: the reference model, or under LoRA the policy with its
+    adapter switched off (the same base weights, no second copy)."""
+    if models.ref is not None:
+        return response_logits(models.ref, ids, am, r, temperature, low)
+    from instructrl.lora import adapter_disabled
+
+    with adapter_disabled(models.policy):
+        return response_logits(models.policy, ids, am, r, temperature, low)
 
 
 @dataclass
@@ -355,7 +380,7 @@ def score_trajectory(cfg, models: Models, g: Generation, rt: Runtime, reuse_logp
                              if rm is not None and rc.rm_eos else (ids, am))
             low = rm_low = None
             if share:  # causal: the first columns of the RM's input give everyone else's hidden state
-                h = lower_hidden(ref, rm_ids, rm_am, share)
+                h = lower_hidden(ref if ref is not None else policy, rm_ids, rm_am, share)
                 lower[rows, P - p: P - p + h.shape[1]] = h.float()
                 low, rm_low = (h[:, :ids.shape[1]], share), (h, share)
             tokens = g.response[rows, :r]
@@ -364,7 +389,7 @@ def score_trajectory(cfg, models: Models, g: Generation, rt: Runtime, reuse_logp
             else:
                 logprobs[rows, :r], entropy[rows, :r] = rl_math.logprobs_and_entropy(
                     response_logits(policy, ids, am, r, rc.temperature, low), tokens)
-            ref_logprobs[rows, :r] = gather_logprobs(response_logits(ref, ids, am, r, rc.temperature, low), tokens)
+            ref_logprobs[rows, :r] = gather_logprobs(reference_logits(models, ids, am, r, rc.temperature, low), tokens)
             if value is not None:
                 values[rows, :r] = response_values(value, ids, am, r, low).float()
             if rm is not None:
@@ -617,6 +642,7 @@ def save_checkpoint(folder: Path, models: Models, opts: Optimisers, progress: Pr
     """policy/, value/ (none under rloo) and state.pt (optimizers, progress, every process's RNG streams),
     built under a temporary name and renamed into place by the main process."""
     from instructrl.io import atomic_dir
+    from instructrl.lora import is_lora, save_adapter
     from instructrl.runtime import rng_state
 
     rngs = dist.gather_objects(rng_state())  # every process takes part, only the main one writes
@@ -629,9 +655,13 @@ def save_checkpoint(folder: Path, models: Models, opts: Optimisers, progress: Pr
     state = {"step": progress.step, "prompt_pos": progress.prompt_pos, "ptx_pos": progress.ptx_pos,
              "skipped": dict(progress.skipped), **opts.state_dict(), "rng": rngs, "world_size": dist.world}
     with atomic_dir(final, legacy=("state.pt",)) as tmp:
-        models.policy.save_pretrained(tmp / "policy", safe_serialization=True)
-        if models.value is not None:
-            models.value.save_pretrained(tmp / "value", safe_serialization=True)
+        for name, m in (("policy", models.policy), ("value", models.value)):
+            if m is None:
+                continue
+            if is_lora(m):  # adapters (+ value head) only; the base is the config's
+                save_adapter(m, tmp / name)
+            else:
+                m.save_pretrained(tmp / name, safe_serialization=True)
         torch.save(state, tmp / "state.pt")
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -651,3 +681,21 @@ def restore(ckpt: Path, opts: Optimisers, dist: Dist) -> Progress:
     rng = st["rng"]
     set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
     return Progress(st["step"], st["prompt_pos"], st["ptx_pos"], st["skipped"])
+
+
+def save_final(folder: Path, models: Models) -> None:
+    """policy/ (with the tokenizer) and value/ as plain Hugging Face folders; LoRA adapters merged
+    into them, and also kept as adapters in policy_adapter/ and value_adapter/."""
+    from instructrl.io import atomic_dir
+    from instructrl.lora import is_lora, merged_copy, save_adapter
+
+    for name, m in (("policy", models.policy), ("value", models.value)):
+        if m is None:
+            continue
+        if is_lora(m):
+            save_adapter(m, folder / f"{name}_adapter")
+            m = merged_copy(m)
+        with atomic_dir(folder / name, legacy=("config.json",)) as tmp:
+            m.save_pretrained(tmp, safe_serialization=True)
+            if name == "policy":
+                models.tok.save_pretrained(tmp)
