@@ -49,6 +49,7 @@ from instructrl.io import DataError
 from instructrl.lora import LoraSettings
 from instructrl.reward_model import RewardScorer, get_bias, init_reward_model, save_reward_model, set_bias
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
+from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.train.common import (Position, accumulate, check_finite_weights, check_trainable, checkpoint_state,
                                      drop_older_states, optimizer_step, restore, resume_checkpoint, save_checkpoint,
                                      setup_accelerator, split_global_batch, split_validation)
@@ -250,6 +251,7 @@ class RMConfig:
     model: str = param("default", "the SFT model (causal LM folder) the RM starts from; 'default' = embedded SmolLM2")
     output_dir: str = param("runs/rm", "run folder: config.yaml, metrics.jsonl, log.txt, model/, eval.json, calibration.png")
     overwrite: bool = overwrite_field()
+    tracker: TrackerKind = tracker_field()
     resume: bool = param(False, "continue from the latest checkpoint in output_dir")
     device: str = device_field()
     data: RMData = param(RMData(), "comparison data")
@@ -404,6 +406,7 @@ def train_rm(cfg: RMConfig) -> Path:
     bar.close()
     check_trainable(pos.skipped, pos.step, "rm", tc.lr, dc.train)
     run.info(f"done: {pos.step} steps, {pos.skipped} skipped (non-finite loss or gradient)")
+    run.close()
     model = accelerator.unwrap_model(scorer).model
     model.eval()
     check_finite_weights(model, cfg.output_dir, tc.lr)  # never save (or normalise) a broken model

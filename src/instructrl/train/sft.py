@@ -38,6 +38,7 @@ import torch
 
 from instructrl.config import check, overwrite_field, param
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
+from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.data import Demonstration, load_demonstrations
 from instructrl.formatting import Example, TruncationStats, build_example, collate_examples
 from instructrl.io import DataError, RunDir, atomic_dir, atomic_write_text
@@ -114,6 +115,7 @@ class SFTConfig:
     model: str = param("default", "base model: 'default' (embedded SmolLM2-135M-Instruct), a folder, or a hub id")
     output_dir: str = param("runs/sft", "run folder: config.yaml, metrics.jsonl, log.txt, checkpoints/, model/")
     overwrite: bool = overwrite_field()
+    tracker: TrackerKind = tracker_field()
     resume: bool = param(False, "continue from the last finished epoch's checkpoint in output_dir")
     device: str = device_field()
     data: SFTData = param(SFTData(), "demonstration data")
@@ -355,6 +357,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         accelerator.print(f"[sft] epoch {epoch}: val_loss {vloss:.4f}")
     bar.close()
     run.info(f"done: {step} steps, {skipped} skipped (non-finite loss or gradient)")
+    run.close()
 
     # 6. selection ----------------------------------------------------------
     final = Path(cfg.output_dir) / "model"
