@@ -93,7 +93,7 @@ def tiny_stages(root: Path, device: str) -> dict:
 
     f = write_data(root)
     base = build_tiny_model(root / "base")
-    dev = [f"device={device}"]
+    dev = [f"device={device}", "overwrite=true"]
     guard_type = torch.device(device).type
     results = {}
 
@@ -124,7 +124,7 @@ def tiny_stages(root: Path, device: str) -> dict:
     policies = {"sft": str(sft), "ppo": str(root / "ppo_gae" / "policy"), "lora": str(root / "ppo_lora" / "policy")}
     stage("eval", lambda: run_eval(load_config(EvalConfig, None, [
         f"policies={json.dumps(policies)}", "baseline=sft", f"tasks={f['tasks']}", f"reward_model={rm}",
-        f"output_dir={root / 'eval'}", "max_new_tokens=8", "bootstrap=20", "n_prompts=0", *dev])))
+        f"output_dir={root / 'eval'}", "max_new_tokens=8", "bootstrap=100", "n_prompts=0", f"device={device}"])))
     return results
 
 
