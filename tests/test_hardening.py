@@ -388,3 +388,27 @@ def test_langdetect_is_not_fooled_by_capitals():
     fr = "C'EST UNE VILLE MAGNIFIQUE ET LES GENS SONT TRÈS GENTILS."
     assert not check_instruction("change_case:english_capital", {}, fr)
     assert check_instruction("change_case:english_capital", {}, "THE CITY IS BEAUTIFUL AND THE PEOPLE ARE KIND.")
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "dpo", "eval"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_an_unusable_device_is_one_clear_line_before_any_model_loads(command, device, tmp_path, monkeypatch, capsys):
+    """device=cuda without CUDA (and cuda:3 on a machine with fewer GPUs): refused by the runtime,
+    which every command builds before it reads data or weights (the model paths here do not exist)."""
+    import torch
+
+    from instructrl.cli import main
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has a cuda:3")
+    args = {"sft": ["model=/nonexistent", "data.train=/nonexistent.jsonl"],
+            "rm": ["model=/nonexistent", "data.train=/nonexistent.jsonl"],
+            "ppo": ["policy=/nonexistent", "reward_model=/nonexistent", "prompts=/nonexistent.jsonl"],
+            "dpo": ["model=/nonexistent", "data.train=/nonexistent.jsonl"],
+            "eval": ["policies={\"a\": \"/nonexistent\"}", "baseline=a", "tasks=/nonexistent.jsonl",
+                     "reward_model=/nonexistent"]}[command]
+    code = main([command, *args, f"device={device}", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert f"device={device}" in err and ("CUDA is not available" in err or "CUDA device(s)" in err), err
+    assert "Traceback" not in err and "nonexistent" not in err
