@@ -36,98 +36,10 @@ from instructrl.core.tensors import append_eos, gather_logprobs
 from instructrl.rollout import Generation, Rollout, sample
 from instructrl.runtime import Runtime
 from instructrl.scoring import micro_batches, response_logits, response_values, window
+from instructrl.train.processes import Dist
 
 # A scripted reward for tests and experiments: (query [B,P], response [B,R], response_mask [B,R]) -> scores [B].
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ---------------------------------------------------------------------------
-# Processes
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    """This process's place among ``world`` processes; one process needs no torch.distributed.
-
-    Process ``rank`` holds the rows ``rank*b .. (rank+1)*b`` of every global batch of ``world*b`` rows.
-    """
-
-    world: int = 1
-    rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def local_rows(self, global_batch: int) -> slice:
-        b = global_batch // self.world
-        return slice(self.rank * b, (self.rank + 1) * b)
-
-    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Every process's [b, ...] rows, concatenated in rank order -> [world*b, ...]; dim 1 zero-padded."""
-        if self.world == 1:
-            return x
-        import torch.distributed as dist
-
-        if x.dim() >= 2:  # responses have different widths on different processes
-            width = torch.tensor([x.shape[1]], device=x.device)
-            dist.all_reduce(width, op=dist.ReduceOp.MAX)
-            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, int(width) - x.shape[1]))
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, 0)
-
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        """Element-wise sum over processes of a few floats."""
-        if self.world == 1:
-            return values
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum the gradients over processes in one flat all-reduce (one sync per optimizer step)."""
-        if self.world == 1 or not params:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset: offset + n].view_as(g).to(g.dtype)
-            offset += n
-
-    def gather_objects(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def make_dist(cfg, rt: Runtime) -> Dist:
-    """One process, or the process group torchrun / accelerate launch started (set up by accelerate)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    from instructrl.train.common import setup_accelerator
-
-    acc = setup_accelerator(rt)
-    d = Dist(acc.num_processes, acc.process_index)
-    B, k = cfg.rollout.batch_size, cfg.rollout.samples_per_prompt
-    if B % d.world or (B // d.world) % k:
-        raise ConfigError(f"rollout.batch_size={B} must split over the {d.world} processes into shares that are "
-                          f"whole groups of rollout.samples_per_prompt={k} (an RLOO group never spans processes)")
-    return d
 
 
 # ---------------------------------------------------------------------------
