@@ -214,6 +214,17 @@ def test_vllm_seeds_reproduce_and_samples_differ(tiny, vllm_engine):
     assert not torch.equal(a.response, eng.generate(ids, SamplingSettings(10, n=2, seed=6)).response)
 
 
+def test_vllm_seeded_sampling_of_a_large_batch(tiny, vllm_engine):
+    """More prompt tokens than one step's default budget (4096): with chunked prefill, vLLM rewound a
+    seeded request's CPU generator and failed ("CPU Generator does not use offset")."""
+    _, tok, model = tiny
+    eng = vllm_engine[0]
+    eng.sync_weights(model)
+    ids = [[(7 * i + j) % 300 + 3 for j in range(200)] for i in range(30)]  # 6000 prompt tokens
+    g = eng.generate(ids, SamplingSettings(4, seed=2))
+    assert g.response.shape[0] == 30 and int(g.response_mask.sum()) > 0
+
+
 def test_vllm_logprobs_are_the_tempered_softmax(tiny, vllm_engine):
     """top_k = 0: vLLM's (processed) log-probs equal log softmax(logits / T) of the HF model on its samples."""
     from instructrl.core.tensors import gather_logprobs

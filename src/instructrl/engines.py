@@ -260,8 +260,13 @@ def _start_vllm(path: str, settings: EngineSettings, dtype: str, seed: int):
     try:
         from vllm import LLM
 
+        # No chunked prefill: vLLM rewinds a seeded request's generator after a partial prefill step,
+        # which CPU generators cannot do ("CPU Generator does not use offset"). Unchunked, one step
+        # must fit the longest sequence, hence the token budget.
+        max_len = settings.max_model_len or _arch(path).get("max_position_embeddings", 8192)
         return LLM(model=path, skip_tokenizer_init=True, dtype=dtype, gpu_memory_utilization=util,
                    enforce_eager=settings.enforce_eager, seed=seed, max_model_len=settings.max_model_len or None,
+                   enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, 1024),
                    generation_config="vllm", logprobs_mode="processed_logprobs")
     finally:
         torch.set_num_threads = set_threads
