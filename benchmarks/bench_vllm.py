@@ -4,10 +4,11 @@
 
 Run it with the vLLM venv's python (docs/vllm.md); without vllm it measures the built-in sampler only.
 The embedded default model (SmolLM2-135M-Instruct), chat prompts from the constraint-task generator,
-temperature 1, full vocabulary, up to --tokens new tokens, one batch of all prompts. Each engine gets a
-warm-up call, then --repeats timed calls; tok/s counts the generated tokens (EOS included). Also timed:
-importing vllm, starting the engine, pushing the HF weights into it (sync_weights), and the built-in
-sampler once more after vLLM started (does the engine in the process slow torch down?).
+temperature 1, full vocabulary, up to --tokens new tokens, one batch of all prompts; tok/s counts the
+generated tokens (EOS included). The built-in sampler is timed once before vLLM starts; then importing
+vllm, starting the engine and pushing the HF weights into it (sync_weights) are timed; then, after a
+vLLM warm-up, --repeats pairs of calls alternate the two engines, so that both see the same load on a
+shared machine (and the built-in sampler runs with the engine living in the process).
 """
 
 from __future__ import annotations
@@ -30,17 +31,11 @@ def cpu_name() -> str:
     return f"{name} ({', '.join(ext) or 'no avx2'})"
 
 
-def timed_runs(eng, ids, settings, repeats: int) -> dict:
-    """One warm-up, then ``repeats`` timed calls: tok/s of each."""
-    eng.generate(ids, settings)
-    rates = []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        g = eng.generate(ids, settings)
-        dt = time.perf_counter() - t0
-        rates.append(float(g.response_mask.sum()) / dt)
-    return {"tok_s": [round(x, 1) for x in rates], "tokens_last": int(g.response_mask.sum()),
-            "ended_last": int(g.ended.sum())}
+def timed(eng, ids, settings) -> float:
+    """tok/s of one call (generated tokens, EOS included)."""
+    t0 = time.perf_counter()
+    g = eng.generate(ids, settings)
+    return round(float(g.response_mask.sum()) / (time.perf_counter() - t0), 1)
 
 
 def main() -> None:
@@ -70,7 +65,8 @@ def main() -> None:
                  "mean_prompt_tokens": round(sum(map(len, ids)) / len(ids), 1)}
     hf = HFEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=args.prompts,
                   autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
-    res["hf"] = timed_runs(hf, ids, settings, args.repeats)
+    hf.generate(ids[:8], SamplingSettings(8))  # warm-up: kernels and allocator
+    res["hf_before_vllm"] = timed(hf, ids, settings)
     print(json.dumps(res), flush=True)
     if not vllm_available():
         print("vllm is not importable here: vLLM half skipped (docs/vllm.md installs it)")
@@ -84,18 +80,22 @@ def main() -> None:
     t0 = time.perf_counter()
     eng = engine_for(model, tok, es, precision)  # start + one sync_weights
     res["vllm_start_s"] = round(time.perf_counter() - t0, 1)
-    res["vllm_enforce_eager"] = es.enforce_eager
-    res["vllm_dtype"] = eng.dtype
+    res["vllm_enforce_eager"], res["vllm_dtype"] = es.enforce_eager, eng.dtype
     syncs = []
     for _ in range(3):
         t0 = time.perf_counter()
         eng.sync_weights(model)
         syncs.append(round(time.perf_counter() - t0, 2))
     res["vllm_sync_s"] = syncs
-    res["vllm"] = timed_runs(eng, ids, settings, args.repeats)
-    res["hf_after_vllm_start"] = timed_runs(hf, ids, settings, 1)
-    best = lambda k: max(res[k]["tok_s"])  # noqa: E731
-    res["ratio_best"] = round(best("vllm") / best("hf"), 2)
+    print(json.dumps(res), flush=True)
+    eng.generate(ids, settings)  # warm-up with the timed shapes (compiles them under --compile)
+    # Interleaved, so that both engines see the same load on a shared machine
+    res["hf"], res["vllm"] = [], []
+    for _ in range(args.repeats):
+        res["hf"].append(timed(hf, ids, settings))
+        res["vllm"].append(timed(eng, ids, settings))
+        print(json.dumps({"pair": len(res["hf"]), "hf": res["hf"][-1], "vllm": res["vllm"][-1]}), flush=True)
+    res["ratio_per_pair"] = [round(v / h, 2) for h, v in zip(res["hf"], res["vllm"])]
     print(json.dumps(res), flush=True)
 
 
