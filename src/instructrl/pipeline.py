@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from instructrl.config import ConfigError, check, get_key, load_config, param, replace_keys
+from instructrl.engines import EngineSettings
 from instructrl.evaluation.evaluate import EvalConfig
 from instructrl.io import RunDir, atomic_write_text, read_jsonl, write_jsonl
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
@@ -175,6 +176,8 @@ class PipelineConfig:
                                                       "models, data, paths, seed, device and precision")
     eval: EvalConfig = param(factory=_eval_defaults, help="stage 7, `instructrl eval`; the pipeline sets its "
                                                          "policies, tasks, models, paths, seeds, device and precision")
+    engine: EngineSettings = param(EngineSettings(), "the sampler of the demonstrations' drafts and the rankings' "
+                                                     "K samples (stage 7 has eval.engine): hf or vllm (docs/vllm.md)")
 
     def fill(self):
         """Set the keys the pipeline derives in every stage config (round 1's values), before they validate."""
@@ -458,7 +461,8 @@ def make_demonstrations(p: PipelineRun, sft_tasks: list) -> None:
     tok, lm = load_tokenizer(p.base), load_causal_lm(p.base)
     # n_drafts base-model drafts per prompt: the labeler keeps its favourite after repair.
     drafts = generate_texts(lm, tok, [t.to_prompt_record().messages for t in sft_tasks], d.draft_tokens,
-                            seed=d.seed, n_per_prompt=d.n_drafts, precision=p.cfg.precision, desc="base drafts")
+                            seed=d.seed, n_per_prompt=d.n_drafts, precision=p.cfg.precision, desc="base drafts",
+                            engine=p.cfg.engine)
     rng = random.Random(d.seed + 1)
     demos = [p.pool.write_demonstration(t, ds, rng, max_words=d.word_budget) for t, ds in zip(sft_tasks, drafts)]
     write_jsonl(p.data_dir / "demonstrations.jsonl", (demonstration_row(x) for x in demos))
@@ -490,7 +494,7 @@ def run_round(p: PipelineRun, r: int, tasks_r: list, policies: dict[str, Path]) 
             ks = [rng.randint(d.k_min, d.k_max) for _ in tasks_r]
             ranked, sets, rankings = sample_and_rank(
                 lm, tok, tasks_r, ks, p.pool, rng, d.max_new_tokens, seed=d.seed + r, precision=cfg.precision,
-                desc=f"round {r}: K samples", log=lambda m: p.run.info(f"round {r}: {m}"))
+                desc=f"round {r}: K samples", log=lambda m: p.run.info(f"round {r}: {m}"), engine=cfg.engine)
             n_overlap = max(2, round(d.overlap_fraction * len(rankings)))
             agreement = p.pool.measure_agreement(ranked[:n_overlap], sets[:n_overlap], rng)
             write_jsonl(rdir / "rankings.jsonl", (ranking_row(x) for x in rankings))
@@ -521,7 +525,8 @@ def run_round(p: PipelineRun, r: int, tasks_r: list, policies: dict[str, Path]) 
 
 
 def sample_and_rank(lm, tok, tasks: list, ks: list[int], pool, rng: random.Random, max_new_tokens: int,
-                    seed: int, precision: str, desc: str, log=print) -> tuple[list, list[list[str]], list]:
+                    seed: int, precision: str, desc: str, log=print,
+                    engine: EngineSettings | None = None) -> tuple[list, list[list[str]], list]:
     """Stage 4: K_i sampled answers to task i from ``lm``, ranked by a training labeler.
 
     Returns (ranked tasks, their answer sets, rankings), aligned. A task whose answers give fewer
@@ -531,7 +536,7 @@ def sample_and_rank(lm, tok, tasks: list, ks: list[int], pool, rng: random.Rando
 
     # Exactly K_i samples for prompt i: the prompt is repeated K_i times, one sample each.
     flat = generate_texts(lm, tok, [t.to_prompt_record().messages for t, k in zip(tasks, ks) for _ in range(k)],
-                          max_new_tokens, seed=seed, precision=precision, desc=desc)
+                          max_new_tokens, seed=seed, precision=precision, desc=desc, engine=engine)
     ranked, sets, rankings, pos = [], [], [], 0
     for t, k in zip(tasks, ks):
         answers = [x[0] for x in flat[pos:pos + k]]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from instructrl.config import ConfigError, check, param
+from instructrl.engines import EngineSettings
 from instructrl.evaluation.metrics import (best_of_n_kl, best_of_n_pick, gold_gain, labeler_outcome, loglik_bootstrap,
                                            mean_ci, outcomes_win_rate, reward_vs_sqrt_kl, rm_gold_agreement,
                                            score_outcomes, seed_for)
@@ -93,6 +94,8 @@ class EvalConfig:
     precision: Precision = precision_field()
     threads: int = param(0, "torch CPU threads; 0 = torch's default", min=0)
     examples: int = param(3, "prompts shown with every policy's answer in the report", min=0)
+    engine: EngineSettings = param(EngineSettings(), "the sampler of every policy's answers and best-of-N: "
+                                                     "engine.name=hf (built-in) or vllm (docs/vllm.md)")
 
     def validate(self):
         check(bool(self.policies), "policies: give at least one policy, e.g. policies.sft=runs/sft/model")
@@ -204,7 +207,7 @@ class Answers:
 
 def _gen_kw(cfg: EvalConfig, rt: Runtime) -> dict:
     return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, greedy=cfg.greedy,
-                batch_size=cfg.batch_size, rt=rt, micro_batch_size=cfg.micro_batch_size)
+                batch_size=cfg.batch_size, rt=rt, micro_batch_size=cfg.micro_batch_size, engine=cfg.engine)
 
 
 def sample_policies(cfg: EvalConfig, messages: list[list[dict]], ref, ref_tok, rt: Runtime) -> Answers:

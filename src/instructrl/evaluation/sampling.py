@@ -6,11 +6,12 @@ and moves its tensors to ``rt.device``, where the caller has put the models. The
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
 
+from instructrl.engines import EngineSettings
 from instructrl.evaluation.metrics import sequence_kl
 from instructrl.runtime import Runtime
 
@@ -67,59 +68,70 @@ def _batch_kl(model, ref, g, t_lp: float, micro_batch_size: int, rt: Runtime) ->
 @torch.no_grad()
 def generate(model, tok, prompt_ids: Sequence[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False, batch_size: int = 16, seed: int = 0, rt: Runtime = CPU_FP32,
-             ref=None, micro_batch_size: int = 8, desc: str | None = None) -> Samples:
-    """Answer every prompt with ``rollout.sample`` (KV cache, left padding); optionally the KL to ``ref``.
+             ref=None, micro_batch_size: int = 8, desc: str | None = None,
+             engine: EngineSettings | None = None) -> Samples:
+    """Answer every prompt with a generation engine (default ``rollout.sample``); optionally the KL to ``ref``.
 
-    Prompts are batched in order of length (less padding) and answers returned in
-    prompt order. Greedy decoding is top-k = 1. With ``ref``, each answer's sequence
-    KL is computed from the same logits PPO uses (temperature-scaled; T = 1 when greedy).
-    ``model`` (and ``ref``) must be on ``rt.device``.
+    Built-in sampler: prompts are batched in order of length (less padding). vLLM (``engine.name=vllm``)
+    samples ``model``'s current weights, all prompts in one call. Answers are returned in prompt order.
+    Greedy decoding is top-k = 1. With ``ref``, each answer's sequence KL is computed from the same
+    logits PPO uses (temperature-scaled; T = 1 when greedy), by Hugging Face forwards whatever the
+    engine. ``model`` (and ``ref``) must be on ``rt.device``.
     """
     from tqdm.auto import tqdm
 
-    from instructrl.rollout import sample
+    from instructrl.engines import SamplingSettings, engine_for
 
     model.eval()
     if ref is not None:
         ref.eval()
-    gen = torch.Generator(device=rt.device).manual_seed(seed)  # rollout draws on the logits' device
     n = len(prompt_ids)
-    order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
-    texts: list[str] = [""] * n
-    tokens = [0] * n
-    ended = [False] * n
-    kls = [0.0] * n
+    out = Samples([""] * n, [0] * n, [False] * n, [0.0] * n if ref is not None else None)
     t_lp = 1.0 if greedy else temperature
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    settings = SamplingSettings(max_new_tokens, 0.0 if greedy else temperature)
+    if engine is not None and engine.name == "vllm":
+        g = engine_for(model, tok, engine, rt.precision).generate(list(prompt_ids), replace(settings, seed=seed))
+        g = replace(g, **{f.name: getattr(g, f.name).to(rt.device) for f in fields(g) if getattr(g, f.name) is not None})
+        kl = _batch_kl(model, ref, g, t_lp, micro_batch_size, rt) if ref is not None else None
+        _fill(out, tok, list(range(n)), g, kl)
+        return out
+    gen = torch.Generator(device=rt.device).manual_seed(seed)  # rollout draws on the logits' device
+    eng = engine_for(model, tok, None, rt.precision, batch_size=batch_size, generator=gen)
+    order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
     bar = tqdm(total=n, desc=desc, disable=desc is None, leave=False, dynamic_ncols=True)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        g = sample(model, [prompt_ids[i] for i in idx], max_new_tokens, eos, pad, gen,
-                   1.0 if greedy else temperature, 1 if greedy else 0, rt.amp_dtype)
+        g = eng.generate([prompt_ids[i] for i in idx], settings)
         kl = _batch_kl(model, ref, g, t_lp, micro_batch_size, rt) if ref is not None else None
-        response, mask, g_ended = g.response.cpu(), g.response_mask.cpu(), g.ended.cpu()
-        for j, i in enumerate(idx):
-            real = response[j][mask[j].bool()].tolist()
-            if real and real[-1] == eos and bool(g_ended[j]):
-                real = real[:-1]
-            texts[i] = tok.decode(real, skip_special_tokens=True)
-            tokens[i] = len(real)
-            ended[i] = bool(g_ended[j])
-            if kl is not None:
-                kls[i] = float(kl[j])
+        _fill(out, tok, idx, g, kl)
         bar.update(len(idx))
     bar.close()
-    return Samples(texts, tokens, ended, kls if ref is not None else None)
+    return out
+
+
+def _fill(out: Samples, tok, idx: list[int], g, kl: torch.Tensor | None) -> None:
+    """Row j of ``g`` answers prompt ``idx[j]``: its text (EOS dropped), length, ended flag and KL into ``out``."""
+    eos = tok.eos_token_id
+    response, mask, g_ended = g.response.cpu(), g.response_mask.cpu(), g.ended.cpu()
+    for j, i in enumerate(idx):
+        real = response[j][mask[j].bool()].tolist()
+        if real and real[-1] == eos and bool(g_ended[j]):
+            real = real[:-1]
+        out.texts[i] = tok.decode(real, skip_special_tokens=True)
+        out.tokens[i] = len(real)
+        out.ended[i] = bool(g_ended[j])
+        if kl is not None:
+            out.kl[i] = float(kl[j])
 
 
 def generate_responses(model, tok, messages_list: Sequence[list[dict]], *, max_new_tokens: int,
                        max_prompt_tokens: int = 1024, temperature: float = 1.0, greedy: bool = True,
                        batch_size: int = 8, seed: int = 0, rt: Runtime = CPU_FP32,
-                       desc: str | None = None) -> list[str]:
+                       desc: str | None = None, engine: EngineSettings | None = None) -> list[str]:
     """Text answers to chat prompts (the chat template, then :func:`generate`)."""
     ids = encode_prompts(tok, messages_list, max_prompt_tokens)
     return generate(model, tok, ids, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
-                    batch_size=batch_size, seed=seed, rt=rt, desc=desc).texts
+                    batch_size=batch_size, seed=seed, rt=rt, desc=desc, engine=engine).texts
 
 
 @torch.no_grad()

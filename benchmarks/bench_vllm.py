@@ -1,0 +1,103 @@
+"""Sampling throughput: the built-in sampler (rollout.sample) vs vLLM, same prompts, one process.
+
+    flock /tmp/instructrl-heavy.lock nice python benchmarks/bench_vllm.py [--prompts 64] [--tokens 64] [--compile]
+
+Run it with the vLLM venv's python (docs/vllm.md); without vllm it measures the built-in sampler only.
+The embedded default model (SmolLM2-135M-Instruct), chat prompts from the constraint-task generator,
+temperature 1, full vocabulary, up to --tokens new tokens, one batch of all prompts; tok/s counts the
+generated tokens (EOS included). The built-in sampler is timed once before vLLM starts; then importing
+vllm, starting the engine and pushing the HF weights into it (sync_weights) are timed; then, after a
+vLLM warm-up, --repeats pairs of calls alternate the two engines, so that both see the same load on a
+shared machine (and the built-in sampler runs with the engine living in the process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return platform.processor()
+    name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+    flags = next((ln for ln in out.splitlines() if ln.startswith("Flags")), "")
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    return f"{name} ({', '.join(ext) or 'no avx2'})"
+
+
+def timed(eng, ids, settings) -> float:
+    """tok/s of one call (generated tokens, EOS included)."""
+    t0 = time.perf_counter()
+    g = eng.generate(ids, settings)
+    return round(float(g.response_mask.sum()) / (time.perf_counter() - t0), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precision", default="auto", help="auto = runtime.resolve_precision on this machine")
+    ap.add_argument("--compile", action="store_true", help="vLLM with torch.compile (enforce_eager=false)")
+    args = ap.parse_args()
+
+    import torch
+
+    from instructrl.engines import EngineSettings, HFEngine, SamplingSettings, engine_for, vllm_available
+    from instructrl.formatting import encode_prompt_for_sampling
+    from instructrl.models import load_causal_lm, load_tokenizer
+    from instructrl.runtime import resolve_precision
+    from instructrl.tasks import generate_tasks
+
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    tok, model = load_tokenizer(None), load_causal_lm(None).eval()
+    msgs = [[{"role": "user", "content": t.prompt}] for t in generate_tasks(args.prompts, seed=11)]
+    ids = [encode_prompt_for_sampling(tok, m, 256) for m in msgs]
+    settings = SamplingSettings(args.tokens, temperature=1.0, seed=0)
+    res: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "precision": precision,
+                 "prompts": args.prompts, "max_new_tokens": args.tokens,
+                 "mean_prompt_tokens": round(sum(map(len, ids)) / len(ids), 1)}
+    hf = HFEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=args.prompts,
+                  autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+    hf.generate(ids[:8], SamplingSettings(8))  # warm-up: kernels and allocator
+    res["hf_before_vllm"] = timed(hf, ids, settings)
+    print(json.dumps(res), flush=True)
+    if not vllm_available():
+        print("vllm is not importable here: vLLM half skipped (docs/vllm.md installs it)")
+        return
+
+    t0 = time.perf_counter()
+    import vllm  # noqa: F401  (timed apart: the first import in a fresh venv also compiles .pyc files)
+
+    res["vllm_import_s"] = round(time.perf_counter() - t0, 1)
+    es = EngineSettings(name="vllm", enforce_eager=not args.compile)
+    t0 = time.perf_counter()
+    eng = engine_for(model, tok, es, precision)  # start + one sync_weights
+    res["vllm_start_s"] = round(time.perf_counter() - t0, 1)
+    res["vllm_enforce_eager"], res["vllm_dtype"] = es.enforce_eager, eng.dtype
+    syncs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        eng.sync_weights(model)
+        syncs.append(round(time.perf_counter() - t0, 2))
+    res["vllm_sync_s"] = syncs
+    print(json.dumps(res), flush=True)
+    eng.generate(ids, settings)  # warm-up with the timed shapes (compiles them under --compile)
+    # Interleaved, so that both engines see the same load on a shared machine
+    res["hf"], res["vllm"] = [], []
+    for _ in range(args.repeats):
+        res["hf"].append(timed(hf, ids, settings))
+        res["vllm"].append(timed(eng, ids, settings))
+        print(json.dumps({"pair": len(res["hf"]), "hf": res["hf"][-1], "vllm": res["vllm"][-1]}), flush=True)
+    res["ratio_per_pair"] = [round(v / h, 2) for h, v in zip(res["hf"], res["vllm"])]
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

