@@ -87,3 +87,8 @@ def test_with_overrides_applies_text_on_top_of_a_derived_stage_config():
     ppo = with_overrides(ppo_stage_config(cfg, "ppo", 1, "m"), ["train.lr=1e-4", f"output_dir={AWKWARD}/ceiling #3"])
     assert ppo.train.lr == 1e-4 and ppo.output_dir == f"{AWKWARD}/ceiling #3"
     assert ppo.prompts == f"{AWKWARD}/data/ppo_tasks.jsonl" and ppo.train.advantage == "rloo"
+
+
+def test_the_deprecated_ppo_out_key_is_refused_in_the_pipeline_like_output_dir():
+    with pytest.raises(ConfigError, match=r"ppo.out is set by the pipeline.*set output_dir"):
+        load_pipeline_config(None, ["ppo.out=somewhere"])

@@ -528,3 +528,10 @@ def test_shared_frozen_blocks_do_not_change_the_ppo_result(tiny_model_dir, promp
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
     top = "model.layers.1.mlp.up_proj.weight"
     assert not torch.equal(pa[top], load_file(str(tiny_model_dir / "model.safetensors"))[top])  # it did train
+
+
+def test_the_old_out_key_still_names_the_run_folder_with_a_deprecation_message(tmp_path, capsys):
+    cfg = load_config(PPOConfig, None, ["prompts=p.jsonl", f"out={tmp_path / 'old'}"])
+    assert cfg.output_dir == str(tmp_path / "old") and cfg.out == ""
+    err = capsys.readouterr().err
+    assert "`out` is deprecated" in err and f"output_dir={tmp_path / 'old'}" in err

@@ -217,7 +217,7 @@ def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConf
 DERIVED = {
     "sft": ("model", "output_dir", "device", "overwrite", "data.train", "train.precision", "train.seed"),
     "rm": ("model", "output_dir", "device", "overwrite", "data.train", "data.demonstrations", "train.precision", "train.seed"),
-    "ppo": ("policy", "reference", "reward_model", "prompts", "ptx_data", "output_dir", "overwrite", "seed", "device",
+    "ppo": ("policy", "reference", "reward_model", "prompts", "ptx_data", "output_dir", "out", "overwrite", "seed", "device",
             "rollout.max_new_tokens", "train.precision"),
     "dpo": ("model", "reference", "output_dir", "device", "overwrite", "data.train", "train.precision", "train.seed"),
     "eval": ("policies", "baseline", "reference", "tasks", "reward_model", "output_dir", "device", "precision",
@@ -225,7 +225,7 @@ DERIVED = {
 }
 DERIVED_FROM = {"sft.model": "model", "rm.model": "model", "ppo.policy": "model", "sft.device": "device",
                 "ppo.rollout.max_new_tokens": "data.max_new_tokens", "sft.train.seed": "data.seed",
-                "sft.output_dir": "output_dir", "eval.output_dir": "output_dir", "ppo.output_dir": "output_dir",
+                "sft.output_dir": "output_dir", "eval.output_dir": "output_dir", "ppo.output_dir": "output_dir", "ppo.out": "output_dir",
                 "sft.train.precision": "precision", "rm.train.precision": "precision",
                 "ppo.train.precision": "precision", "eval.precision": "precision"}
 
@@ -266,7 +266,7 @@ def ppo_stage_config(cfg: PipelineConfig, variant: str, r: int, policy: str | Pa
     return replace_keys(cfg.ppo, {
         "policy": str(policy), "reference": str(out / "sft" / "model"),
         "reward_model": str(out / f"round-{r}" / "rm" / "model"), "prompts": str(data_dir / "ppo_tasks.jsonl"),
-        "ptx_data": str(data_dir / "pretrain.jsonl") if variant == "ppo_ptx" else "", "output_dir": str(pdir),
+        "ptx_data": str(data_dir / "pretrain.jsonl") if variant == "ppo_ptx" else "", "output_dir": str(pdir), "out": "",
         "seed": cfg.data.seed + r, "device": cfg.device, "resume": resume, "overwrite": not resume,
         "rollout.max_new_tokens": cfg.data.max_new_tokens, "train.precision": cfg.precision})
 

@@ -179,6 +179,7 @@ class PPOConfig:
     output_dir: str = param("runs/ppo", "run folder: config, metrics, checkpoints, final policy/ and value/")
     overwrite: bool = overwrite_field()
     tracker: TrackerKind = tracker_field()
+    out: str = param("", "deprecated: the old name of output_dir, accepted for one release")
     device: str = device_field()
     resume: bool = param(False, "continue from the latest checkpoint in output_dir (same config, same process count)")
     seed: int = param(0, "seed for prompt order, sampling and minibatch order", min=0)
@@ -187,6 +188,14 @@ class PPOConfig:
     kl: PPOKL = param(PPOKL(), "KL penalty against the reference (SFT) policy")
     train: PPOTrain = param(PPOTrain(), "optimisation")
     run: PPORun = param(PPORun(), "checkpoints and reproducibility")
+
+    def finalize(self):
+        if self.out:  # the run folder key was `out` before 0.2; every other command says output_dir
+            import sys
+
+            print(f"[instructrl] ppo: `out` is deprecated and will be removed; use output_dir={self.out}",
+                  file=sys.stderr)
+            self.output_dir, self.out = self.out, ""
 
     def validate(self):
         check(bool(self.prompts), "prompts: a prompts JSONL file is required")
