@@ -12,14 +12,10 @@ import torch
 from instructrl.config import ConfigError, load_config
 from instructrl.train.ppo import PPOConfig, train_ppo
 
+from test_ppo import good_fraction_reward  # the scripted reward the full fine-tuning tests learn
+
 PROMPTS = ["write a haiku about the sea", "list three colors", "say hello", "explain rain",
            "name a fruit", "count to five", "describe a cat", "what is two plus two"]
-GOOD = range(4, 100)
-
-
-def good_fraction_reward(query, response, mask):
-    good = ((response >= GOOD.start) & (response < GOOD.stop)).float() * mask
-    return 10 * good.sum(1) / mask.sum(1)
 
 
 @pytest.fixture

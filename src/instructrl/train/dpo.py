@@ -42,8 +42,8 @@ from instructrl.formatting import Example, TruncationStats, collate_examples, en
 from instructrl.io import DataError, RunDir, atomic_write_text
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field, rng_state, set_rng_state
 from instructrl.tracking import TrackerKind, tracker_field
-from instructrl.train.common import (accumulate, check_trainable, cosine_schedule, optimizer_step, save_checkpoint,
-                                     setup_accelerator, split_global_batch)
+from instructrl.train.common import (Position, accumulate, check_trainable, cosine_schedule, latest_checkpoint,
+                                     optimizer_step, save_checkpoint, setup_accelerator, split_global_batch)
 
 CACHE = "reference_logps.pt"
 
@@ -247,22 +247,6 @@ def batch_loss(pol: torch.Tensor, b: PackedBatch, loss: str, beta: float, num_ra
     w, l, weight = ranking_pairs(group, ranks)
     fn = dpo_loss if loss == "dpo" else ipo_loss
     return fn(pol[w], pol[l], ref[w], ref[l], beta, weight=weight, num=num_rankings)
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(p for p in folder.glob("step-*") if (p / "state.pt").exists())
-    return found[-1] if found else None
-
-
-@dataclass
-class Position:
-    """Where the loop is: the next batch is ``order[start:start + batch_size]`` of ``epoch``."""
-
-    step: int = 0
-    epoch: int = 1
-    start: int = 0
-    order: list[int] | None = None  # this epoch's shuffled order (None: not shuffled yet)
-    skipped: int = 0
 
 
 def _state(pos: Position, opt, sched, order_rng: random.Random) -> dict:

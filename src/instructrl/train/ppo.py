@@ -39,9 +39,10 @@ from instructrl.config import ConfigError, check, overwrite_field, param
 from instructrl.lora import LoraSettings
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.tracking import TrackerKind, tracker_field
+from instructrl.train.common import latest_checkpoint
 from instructrl.train.processes import make_dist
 from instructrl.train.ppo_phases import (RewardFn, compute_advantages, episode_generators, generate_trajectory,
-                                         latest_checkpoint, load_data, load_models, make_optimisers,
+                                         load_data, load_models, make_optimisers,
                                          metrics_row, ppo_update, Progress, restore, save_checkpoint, save_final,
                                          score_trajectory, step_prompts)
 

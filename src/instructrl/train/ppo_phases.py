@@ -36,6 +36,7 @@ from instructrl.core.tensors import append_eos, gather_logprobs
 from instructrl.rollout import Generation, Rollout, sample
 from instructrl.runtime import Runtime
 from instructrl.scoring import micro_batches, response_logits, response_values, window
+from instructrl.train.common import all_finite
 from instructrl.train.processes import Dist
 
 # A scripted reward for tests and experiments: (query [B,P], response [B,R], response_mask [B,R]) -> scores [B].
@@ -538,15 +539,6 @@ def metrics_row(progress: Progress, bs: BatchStats, up: UpdateStats, opts: Optim
         "tokens_per_s": bs.tokens / max(sum(times.values()), 1e-9), "world_size": world, "episodes": episodes,
         "informative_groups": bs.informative,
     }
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(p for p in folder.glob("step-*") if (p / "state.pt").exists())
-    return found[-1] if found else None
-
-
-def all_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def save_checkpoint(folder: Path, models: Models, opts: Optimisers, progress: Progress, dist: Dist,
