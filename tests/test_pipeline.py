@@ -1,6 +1,8 @@
 """The whole pipeline on a tiny random model: every stage runs, resumes, re-runs alone, iterates rounds."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,35 @@ def test_rounds_can_be_added_to_a_finished_run(tiny_model_dir, tmp_path):
 
 def test_stage_names_cover_the_pipeline():
     assert STAGES == ("prompts", "demos", "sft", "rank", "rm", "ppo", "eval")
+
+
+def test_processes_runs_each_training_stage_under_torchrun(tiny_model_dir, tmp_path):
+    """processes=2: sft, rm and ppo run as 2-process torchrun jobs on their written configs; the rest here."""
+    import os
+
+    from instructrl.config import load_config
+    from instructrl.train.ppo import PPOConfig
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "instructrl", "pipeline", "--preset", "tiny", f"model={tiny_model_dir}",
+                        f"output_dir={out}", "processes=2", "variants=[ppo]", "precision=fp32"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (out / "stage-configs").iterdir()) == ["round-1-ppo.yaml", "round-1-rm.yaml",
+                                                                         "sft.yaml"]
+    rows = [json.loads(line) for line in (out / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["world_size"] for row in rows] == [2, 2]
+    # the written config is the stage's typed config: it reads back to what the 2 processes ran
+    ppo = load_config(PPOConfig, out / "stage-configs" / "round-1-ppo.yaml", [])
+    assert ppo.output_dir == str(out / "round-1" / "ppo") and ppo.policy == str(out / "sft" / "model")
+    assert json.loads((out / "eval" / "report.json").read_text())["policies"]["ppo"]
+
+
+@pytest.mark.parametrize("n,override,key", [(2, "sft.train.batch_size=5", "sft.train.batch_size=5"),
+                                            (4, "ppo.train.minibatch_size=4", "ppo.rollout.batch_size=4")])
+def test_processes_that_do_not_split_a_batch_are_refused_before_any_stage(tiny_model_dir, tmp_path, n, override,
+                                                                          key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + f".*processes={n}"):
+        run_pipeline(tiny(tiny_model_dir, tmp_path / "run", f"processes={n}", override))
+    assert not (tmp_path / "run" / "sft").exists()

@@ -242,3 +242,19 @@ def test_resume_without_a_checkpoint_is_a_config_error(tiny_model_dir, tmp_path)
 
     with pytest.raises(ConfigError, match="no checkpoint"):
         train_sft(_cfg(tiny_model_dir, tmp_path / "run", "resume=true"))
+
+
+def test_an_fsdp_accelerate_config_is_refused_not_quietly_run_data_parallel(tiny_model_dir, tmp_path):
+    """On a CPU accelerate turns an FSDP config into plain DDP without a word; we refuse it by name."""
+    cfg = tmp_path / "fsdp2.yaml"
+    cfg.write_text("distributed_type: FSDP\nnum_processes: 2\nnum_machines: 1\nmachine_rank: 0\nuse_cpu: true\n"
+                   "mixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    r = subprocess.run([str(accelerate), "launch", "--config_file", str(cfg), "-m", "instructrl", "sft",
+                        f"model={tiny_model_dir}", f"data.train={EXAMPLES / 'demonstrations.jsonl'}",
+                        f"output_dir={tmp_path / 'run'}", "train.batch_size=4"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "instructrl: error: ACCELERATE_USE_FSDP=true" in r.stderr
+    assert "/instructrl/" not in r.stderr.split("instructrl: error:")[0]  # the launcher's own traceback follows
+    assert not (tmp_path / "run" / "model").exists()

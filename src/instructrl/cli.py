@@ -14,7 +14,7 @@ import sys
 import typing
 from pathlib import Path
 
-from instructrl.config import ConfigError, range_text, load_config
+from instructrl.config import ConfigError, StageFailed, range_text, load_config
 from instructrl.io import DataError
 from instructrl.models import ModelLoadError
 
@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"instructrl: error: {where}{e.strerror or e}", file=sys.stderr)
         _log_error_in_run_folder(cfg, e)
         return 2
+    except StageFailed as e:
+        print(f"instructrl: error: {e}", file=sys.stderr)
+        _log_error_in_run_folder(cfg, e)
+        return 1
     except KeyboardInterrupt:
         print("instructrl: interrupted", file=sys.stderr)
         return 130

@@ -34,6 +34,10 @@ from instructrl.io import write_yaml
 T = TypeVar("T")
 
 
+class StageFailed(RuntimeError):
+    """A stage run in other processes failed; those processes printed the cause."""
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 

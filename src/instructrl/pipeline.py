@@ -159,6 +159,10 @@ class PipelineConfig:
     keep_checkpoints: bool = param(False, "keep the SFT and PPO stages' training checkpoints once the stage has "
                                           "saved its model; they are only needed to resume an interrupted stage")
     precision: Precision = precision_field()
+    processes: int = param(1, "processes for each training stage (sft, rm, ppo, dpo): N > 1 runs the stage as "
+                              "`torchrun --nproc_per_node N -m instructrl <stage>` on its config, written to "
+                              "output_dir/stage-configs/; sampling, labeling and eval stay in this process",
+                           min=1, max=1024)
     variants: list[str] = param(factory=lambda: list(PPO_VARIANTS),
                                 help="which policies stage 6 trains: ppo (γ = 0), ppo_ptx (γ = ppo.train.ptx_coef), "
                                      "dpo (offline, from SFT on every ranking so far); the last one is sampled for "
@@ -202,6 +206,15 @@ class PipelineConfig:
         check(self.only in ("",) + STAGES, f"only must be one of {list(STAGES)}, got {self.only!r}")
         check(bool(self.variants) and set(self.variants) <= set(VARIANTS),
               f"variants must be a non-empty subset of {list(VARIANTS)}")
+        n = self.processes  # checked here so that a bad split stops the run before its first stage
+        for key, size in (("sft.train.batch_size", self.sft.train.batch_size),
+                          ("rm.train.batch_size", self.rm.train.batch_size),
+                          ("dpo.train.batch_size", self.dpo.train.batch_size)):
+            check(size % n == 0, f"{key}={size} must be divisible by processes={n}")
+        B, k = self.ppo.rollout.batch_size, self.ppo.rollout.samples_per_prompt
+        check(B % n == 0 and (B // n) % k == 0,
+              f"ppo.rollout.batch_size={B} must split over processes={n} into whole groups of "
+              f"ppo.rollout.samples_per_prompt={k}")
 
 
 def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConfig:
@@ -341,6 +354,20 @@ class PipelineRun:
         atomic_write_text(self.out / "timings.json", json.dumps(self.timings, indent=2))
         print(f"=== [{key}] done in {self.timings[key]:.0f} s ===")
 
+    def train(self, command: str, fn, stage_cfg) -> Path:
+        """Run a training stage here, or in ``processes`` processes; returns the stage's trained output."""
+        n = self.cfg.processes
+        if n == 1:
+            return fn(stage_cfg)
+        from instructrl.train.processes import launch
+
+        if str(stage_cfg.device).startswith("cuda"):  # torchrun gives each process its own cuda:rank
+            stage_cfg = replace_keys(stage_cfg, {"device": "auto"})
+        stage_dir = Path(stage_cfg.output_dir)
+        name = "-".join(stage_dir.parts[-2:]) if stage_dir.parent != self.out else stage_dir.name
+        launch(command, stage_cfg, n, self.out / "stage-configs" / f"{name}.yaml")
+        return Path(stage_cfg.output_dir) if command == "ppo" else Path(stage_cfg.output_dir) / "model"
+
     def drop_checkpoints(self, stage_dir: Path) -> None:
         # Only after the stage is marked finished: until then they are what --resume continues from.
         if not self.cfg.keep_checkpoints and (stage_dir / "checkpoints").is_dir():
@@ -392,7 +419,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         with p.timed("sft"):
             from instructrl.train.sft import train_sft
 
-            train_sft(sft_stage_config(cfg, p.base))
+            p.train("sft", train_sft, sft_stage_config(cfg, p.base))
             p.state.mark("sft", model=str(sft_dir))
             p.drop_checkpoints(out / "sft")
 
@@ -506,8 +533,8 @@ def run_round(p: PipelineRun, r: int, tasks_r: list, policies: dict[str, Path]) 
 
     if p.want(f"rm-{r}", "rm", r):
         with p.timed(f"rm-{r}"):
-            train_rm(rm_stage_config(cfg, out / "sft" / "model", rdir / "rm", all_rankings,
-                                     p.data_dir / "demonstrations.jsonl", seed=d.seed + r))
+            p.train("rm", train_rm, rm_stage_config(cfg, out / "sft" / "model", rdir / "rm", all_rankings,
+                                                    p.data_dir / "demonstrations.jsonl", seed=d.seed + r))
             p.state.mark(f"rm-{r}", model=str(rdir / "rm" / "model"))
 
     for v in cfg.variants:
@@ -516,9 +543,10 @@ def run_round(p: PipelineRun, r: int, tasks_r: list, policies: dict[str, Path]) 
             with p.timed(key):
                 resume = (rdir / v / "checkpoints").exists()
                 if v == "dpo":
-                    final = train_dpo(dpo_stage_config(cfg, r, policies[v], resume=resume and _has_step(rdir / v)))
+                    final = p.train("dpo", train_dpo,
+                                    dpo_stage_config(cfg, r, policies[v], resume=resume and _has_step(rdir / v)))
                 else:
-                    final = _policy_dir(train_ppo(ppo_stage_config(cfg, v, r, policies[v], resume=resume)))
+                    final = _policy_dir(p.train("ppo", train_ppo, ppo_stage_config(cfg, v, r, policies[v], resume=resume)))
                 p.state.mark(key, model=str(final))
                 p.drop_checkpoints(rdir / v)
         policies[v] = Path(p.state.done[key]["model"]) if key in p.state.done else _policy_dir(rdir / v)

@@ -35,8 +35,11 @@ T = TypeVar("T")
 
 def setup_accelerator(rt: Runtime, batch_size: int | None = None):
     """An ``accelerate.Accelerator`` on ``rt.device``; checks ``batch_size`` splits over the processes."""
+    import os
+
     from accelerate import Accelerator
 
+    refuse_sharding(os.environ)
     accelerator = Accelerator(cpu=rt.device.type == "cpu")
     def same(a: torch.device, b: torch.device) -> bool:  # cpu == cpu:0; cuda:N must match exactly
         return a.type == b.type and (a.type == "cpu" or (a.index or 0) == (b.index or 0))
@@ -48,6 +51,17 @@ def setup_accelerator(rt: Runtime, batch_size: int | None = None):
         raise ConfigError(f"train.batch_size={batch_size} must be divisible by the "
                           f"{accelerator.num_processes} processes")
     return accelerator
+
+
+def refuse_sharding(env) -> None:
+    """Stop a launch with an FSDP or DeepSpeed accelerate config: every loop here keeps full weights and
+    optimizer state on each process (checkpoints, merged saves, PPO's shared blocks), and accelerate on a
+    CPU would quietly fall back to plain data parallelism. Data parallelism and LoRA are what run."""
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if str(env.get(var, "")).lower() in ("1", "true", "yes"):
+            raise ConfigError(f"{var}=true: this accelerate config asks for {name} sharding, which instructrl "
+                              f"does not do yet; launch with torchrun or a plain multi-GPU accelerate config "
+                              f"(data parallel), and train.lora.rank > 0 to fit a large model (docs/lora.md)")
 
 
 def split_global_batch(global_batch: Sequence[T], accelerator) -> list[T]:

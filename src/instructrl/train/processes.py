@@ -7,10 +7,11 @@ rows. One process needs no torch.distributed; every method is then the identity.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from instructrl.config import ConfigError
+from instructrl.config import ConfigError, StageFailed
 from instructrl.runtime import Runtime
 
 # ---------------------------------------------------------------------------
@@ -98,3 +99,24 @@ def make_dist(cfg, rt: Runtime) -> Dist:
         raise ConfigError(f"rollout.batch_size={B} must split over the {d.world} processes into shares that are "
                           f"whole groups of rollout.samples_per_prompt={k} (an RLOO group never spans processes)")
     return d
+
+
+def launch(command: str, cfg, nproc: int, config_path: Path) -> None:
+    """Run ``instructrl <command>`` on ``cfg`` in ``nproc`` processes (torchrun), from this process.
+
+    The typed config is written to ``config_path`` as YAML (every key, resolved) and read back by the
+    children; output streams to this terminal. Used by the pipeline's ``processes=N``.
+    """
+    import subprocess
+    import sys
+
+    from instructrl.config import save_config
+
+    save_config(cfg, config_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [*launcher, "--standalone", "--nproc_per_node", str(nproc), "-m", "instructrl", *command.split(),
+           "--config", str(config_path)]
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise StageFailed(f"`{' '.join(cmd)}` exited with status {rc} (its own error is printed above)")
