@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 PRESET ?= default
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean install-vllm demo-vllm
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,13 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/instructrl pipeline --preset $(PRESET)
 
+# vLLM needs transformers<5.20, so it gets its own venv (docs/vllm.md); `make demo-vllm` samples with it
+install-vllm:
+	bash .ci/vllm.sh --install-only
+
+demo-vllm: install-vllm
+	.venv-vllm/bin/instructrl pipeline --preset $(PRESET) engine.name=vllm eval.engine.name=vllm
+
 test: install
 	$(VENV)/bin/pytest -q
 
@@ -31,4 +38,4 @@ bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-vllm runs
