@@ -412,3 +412,49 @@ def test_an_unusable_device_is_one_clear_line_before_any_model_loads(command, de
     assert code != 0
     assert f"device={device}" in err and ("CUDA is not available" in err or "CUDA device(s)" in err), err
     assert "Traceback" not in err and "nonexistent" not in err
+
+
+# --- 7. model convert on a file that is not GGUF ------------------------------------------------
+
+
+def _not_gguf(tmp_path, kind):
+    import struct
+
+    p = tmp_path / {"text": "notes.txt", "empty": "empty.gguf", "safetensors": "model.safetensors",
+                    "truncated": "cut.gguf", "no_arch": "bare.gguf", "missing": "missing.gguf",
+                    "folder": "models"}[kind]
+    if kind == "text":
+        p.write_text("hello, not a model\n")
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "safetensors":
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(p))
+    elif kind == "truncated":  # the magic bytes, then the header cut short
+        p.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    elif kind == "no_arch":  # a valid GGUF v3 header with no tensors and no metadata
+        p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    elif kind == "folder":
+        p.mkdir()
+    return p
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", "is not a GGUF file (it does not start with the GGUF magic bytes)"),
+    ("empty", "is not a GGUF file (an empty file)"),
+    ("safetensors", "needs no conversion"),
+    ("truncated", "cannot convert"),
+    ("no_arch", "general.architecture"),
+    ("missing", "does not exist"),
+    ("folder", "is a folder, not a GGUF file"),
+])
+def test_model_convert_of_a_non_gguf_file_is_one_line_naming_it(kind, message, tmp_path, capsys):
+    src = _not_gguf(tmp_path, kind)
+    out = tmp_path / "converted"
+    assert main(["model", "convert", f"gguf={src}", f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("instructrl: error: gguf: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(src) in err and message in err, err
+    assert not out.exists()
