@@ -458,3 +458,26 @@ def test_model_convert_of_a_non_gguf_file_is_one_line_naming_it(kind, message, t
     assert err.startswith("instructrl: error: gguf: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert str(src) in err and message in err, err
     assert not out.exists()
+
+
+# --- 8. no measured figures in --help ---------------------------------------------------------
+
+
+def test_help_texts_hold_no_measured_timings_or_speedups(capsys):
+    """Timings, speed-ups and measured shares belong in docs/ (with the CPU that measured them); --help
+    says what a key does. Paper defaults ("InstructGPT: 0.02") and the precision rule's threshold are
+    not measurements."""
+    import re
+
+    from instructrl.cli import COMMANDS
+
+    figure = re.compile(r"~\s?\d|\b\d+(\.\d+)?\s?(x\b|×|s\b|ms\b|min\b|h\b)|faster|slower|speed-?up", re.I)
+    rule = "one-off probe measures bf16 1.5x faster or more"  # the threshold resolve_precision applies
+    found = []
+    for key in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([*key, "--help"])
+        for line in capsys.readouterr().out.replace(rule, "").splitlines():
+            if figure.search(line):
+                found.append(f"{' '.join(key)}: {line.strip()}")
+    assert not found, "\n".join(found)

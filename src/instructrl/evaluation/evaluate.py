@@ -53,7 +53,8 @@ from instructrl.tasks.labelers import DEFAULT_NOISE
 class EvalLabelers:
     n_train: int = param(6, "training labelers in the pool (they never judge evaluations)")
     n_heldout: int = param(3, "held-out labelers: the only ones that judge here (InstructGPT §4)")
-    noise: float = param(DEFAULT_NOISE, "labeler noise (gold-score units); the default gives ~73% inter-labeler agreement", min=0)
+    noise: float = param(DEFAULT_NOISE, "labeler noise (gold-score units); the default is calibrated to InstructGPT's "
+                                             "inter-labeler agreement (72.6%; docs/simulated-labelers.md)", min=0)
     noise_kind: Literal["gaussian", "gumbel"] = param("gaussian", "labeler noise model (Thurstone or Plackett-Luce)")
 
     def validate(self):
