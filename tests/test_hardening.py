@@ -481,3 +481,70 @@ def test_help_texts_hold_no_measured_timings_or_speedups(capsys):
             if figure.search(line):
                 found.append(f"{' '.join(key)}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+# --- 9. a demanding user's inputs: one line each, exit 2 -----------------------------------------
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("instructrl: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_invalid_yaml_is_one_line_with_its_line_and_column(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("train:\n  lr: 1e-5\n  epochs: [1,\n")
+    err = _one_line_error(capsys, ["sft", "--config", str(bad)])
+    assert f"{bad}:4:1: not valid YAML: " in err, err
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("model: x\n\tdata: y\n")
+    assert f"{tab}:2:1: not valid YAML: found character '\\t'" in _one_line_error(capsys, ["sft", "--config", str(tab)])
+
+
+@pytest.fixture
+def damaged_model(tiny_model_dir, tmp_path):
+    """The tiny model with its weights file cut short (a copy interrupted, a disk that filled up)."""
+    import shutil
+
+    bad = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    return bad
+
+
+def test_damaged_weights_are_one_line_naming_the_folder(damaged_model, tmp_path, capsys):
+    demos = write_rows(tmp_path / "demos.jsonl", [{"prompt": "hi", "response": "hello"}] * 4)
+    rankings = write_rows(tmp_path / "r.jsonl", [{"prompt": "hi", "responses": ["a", "b"], "ranking": [0, 1]}] * 2)
+    for argv in (["sft", f"model={damaged_model}", f"data.train={demos}", f"output_dir={tmp_path / 's'}"],
+                 ["rm", "eval", f"model={damaged_model}", f"data={rankings}", f"output_dir={tmp_path / 'r'}"]):
+        err = _one_line_error(capsys, argv)
+        assert f"could not load the model folder {damaged_model}: SafetensorError" in err and "damaged" in err, err
+
+
+def test_walked_inputs_that_must_stay_one_line(tiny_model_dir, tmp_path, capsys):
+    """Inputs tried for issue 22 that already gave one line: kept that way."""
+    k1 = write_rows(tmp_path / "k1.jsonl", [{"prompt": "hi", "responses": ["a", "b"], "ranking": [0, 1]},
+                                           {"prompt": "bye", "responses": ["only one"], "ranking": [0]}])
+    err = _one_line_error(capsys, ["dpo", f"model={tiny_model_dir}", f"data.train={k1}", f"output_dir={tmp_path / 'd'}"])
+    assert f"{k1}:2: field 'responses': a ranking needs K >= 2 responses, got 1" in err
+    err = _one_line_error(capsys, ["rm", "eval", f"model={tmp_path / 'nothere'}", f"data={k1}",
+                                   f"output_dir={tmp_path / 'r'}"])
+    assert "does not exist" in err and "nothere" in err
+    empty_file, empty_dir = tmp_path / "policy.bin", tmp_path / "policy"
+    empty_file.write_bytes(b"")
+    empty_dir.mkdir()
+    tasks = tmp_path / "tasks.jsonl"
+    from instructrl.tasks.generator import generate_tasks, save_tasks
+
+    save_tasks(tasks, generate_tasks(2, seed=0))
+    for policy, needle in ((empty_file, "not a model folder (a file)"), (empty_dir, "not a model folder (no config.json)")):
+        err = _one_line_error(capsys, ["eval", f"policies={{sft: {policy}}}", "baseline=sft", f"tasks={tasks}",
+                                       f"reward_model={tiny_model_dir}", f"output_dir={tmp_path / 'e'}"])
+        assert f"policies.sft: {policy}: {needle}" in err, err
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- train.lr: 1e-5\n")
+    assert "top level must be a mapping" in _one_line_error(capsys, ["ppo", "--config", str(lst)])
+    assert "train.lr must be a number, got 'abc'" in _one_line_error(capsys, ["sft", "train.lr=abc"])

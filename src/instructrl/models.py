@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from instructrl.config import param
 from instructrl.runtime import instructrl_home
@@ -159,10 +160,16 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+# What from_pretrained raises for a folder it cannot read: missing or unreadable files, a bad config,
+# damaged weights (a *.safetensors file cut short raises SafetensorError, which is neither of the others).
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+
+
 def hub_error(name: str, e: Exception) -> ModelLoadError:
     first = str(e).splitlines()[0] if str(e) else ""
     if Path(name).is_dir():  # a local folder that exists but does not load: say so, not "hub"
-        return ModelLoadError(f"could not load the model folder {name}: {type(e).__name__}: {first}")
+        hint = "; a weights file in it is damaged or cut short" if isinstance(e, SafetensorError) else ""
+        return ModelLoadError(f"could not load the model folder {name}: {type(e).__name__}: {first}{hint}")
     return ModelLoadError(
         f"could not load model {name!r}: it is not a local folder and the Hugging Face hub could not "
         f"provide it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
@@ -192,7 +199,7 @@ def load_causal_lm(name_or_path: str | None, dtype: torch.dtype = torch.float32)
     path = resolve_model(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise hub_error(path, e) from None
 
 
