@@ -548,3 +548,15 @@ def test_walked_inputs_that_must_stay_one_line(tiny_model_dir, tmp_path, capsys)
     lst.write_text("- train.lr: 1e-5\n")
     assert "top level must be a mapping" in _one_line_error(capsys, ["ppo", "--config", str(lst)])
     assert "train.lr must be a number, got 'abc'" in _one_line_error(capsys, ["sft", "train.lr=abc"])
+
+
+def test_eval_output_dir_that_is_a_file_fails_before_any_sampling(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import instructrl.models as models
+    from instructrl.tasks.generator import generate_tasks, save_tasks
+
+    tasks = tmp_path / "tasks.jsonl"
+    save_tasks(tasks, generate_tasks(2, seed=0))
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("sampled before checking output_dir"))
+    err = _one_line_error(capsys, ["eval", f"policies={{sft: {tiny_model_dir}}}", "baseline=sft", f"tasks={tasks}",
+                                   f"reward_model={tiny_model_dir}", f"output_dir={tasks}"])
+    assert f"output_dir: {tasks} exists and is not a folder" in err, err

@@ -163,6 +163,9 @@ def check_inputs(cfg: EvalConfig) -> dict[str, list[dict]]:
             raise ConfigError(f"{name}: {e}") from None
     if cfg.pretrain_eval and not Path(cfg.pretrain_eval).exists():
         raise ConfigError(f"pretrain_eval: {cfg.pretrain_eval} does not exist")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():  # else found only when the report is written, after the sampling
+        raise ConfigError(f"output_dir: {out} exists and is not a folder; choose an output folder path")
     return {name: _read_ppo_metrics(path) for name, path in cfg.ppo_runs.items()}
 
 
