@@ -487,10 +487,12 @@ def test_help_texts_hold_no_measured_timings_or_speedups(capsys):
 
 
 def _one_line_error(capsys, argv) -> str:
+    """Exit 2 and one error line on stderr (besides progress bars: loading weights prints one)."""
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("instructrl: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
+    lines = [seg for x in err.split("\n") if (seg := x.split("\r")[-1].strip()) and "it/s]" not in seg]
+    assert len(lines) == 1 and lines[0].startswith("instructrl: error: ") and "Traceback" not in err, err
+    return lines[0] + "\n"
 
 
 def test_invalid_yaml_is_one_line_with_its_line_and_column(tmp_path, capsys):
@@ -560,3 +562,26 @@ def test_eval_output_dir_that_is_a_file_fails_before_any_sampling(tiny_model_dir
     err = _one_line_error(capsys, ["eval", f"policies={{sft: {tiny_model_dir}}}", "baseline=sft", f"tasks={tasks}",
                                    f"reward_model={tiny_model_dir}", f"output_dir={tasks}"])
     assert f"output_dir: {tasks} exists and is not a folder" in err, err
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", b"hello world"], ids=["empty", "cut", "text"])
+def test_a_damaged_state_file_is_a_config_error_naming_it(tmp_path, content):
+    from instructrl.train.common import load_state
+
+    p = tmp_path / "step-000002" / "state.pt"
+    p.parent.mkdir()
+    p.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"resume: .*state\.pt is damaged or cut short .*; remove .*step-000002"):
+        load_state(p)
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_model_dir, tmp_path, capsys):
+    demos = write_rows(tmp_path / "demos.jsonl", [{"prompt": "hi there", "response": "hello you"}] * 4)
+    args = ["sft", f"model={tiny_model_dir}", f"data.train={demos}", f"output_dir={tmp_path / 'run'}",
+            "train.batch_size=2", "train.micro_batch_size=2", "train.precision=fp32"]
+    assert main([*args, "train.epochs=1"]) == 0
+    capsys.readouterr()
+    (state,) = (tmp_path / "run" / "checkpoints").glob("*/state.pt")
+    state.write_bytes(state.read_bytes()[:100])
+    err = _one_line_error(capsys, [*args, "train.epochs=2", "--resume"])
+    assert f"resume: {state} is damaged or cut short" in err, err

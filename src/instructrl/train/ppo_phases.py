@@ -36,7 +36,7 @@ from instructrl.core.tensors import append_eos, gather_logprobs
 from instructrl.rollout import Generation, Rollout, sample
 from instructrl.runtime import Runtime
 from instructrl.scoring import micro_batches, response_logits, response_values, window
-from instructrl.train.common import all_finite
+from instructrl.train.common import all_finite, load_state
 from instructrl.train.processes import Dist
 
 # A scripted reward for tests and experiments: (query [B,P], response [B,R], response_mask [B,R]) -> scores [B].
@@ -579,7 +579,7 @@ def restore(ckpt: Path, opts: Optimisers, dist: Dist) -> Progress:
     """Optimizers, KL controller, this process's RNG streams and the run's position from ``ckpt/state.pt``."""
     from instructrl.runtime import set_rng_state
 
-    st = torch.load(ckpt / "state.pt", weights_only=False)
+    st = load_state(ckpt / "state.pt")
     saved_world = st.get("world_size", 1)
     if saved_world != dist.world:
         raise ConfigError(f"resume: {ckpt} was written by {saved_world} process(es), this run has {dist.world}; "
