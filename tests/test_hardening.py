@@ -412,3 +412,176 @@ def test_an_unusable_device_is_one_clear_line_before_any_model_loads(command, de
     assert code != 0
     assert f"device={device}" in err and ("CUDA is not available" in err or "CUDA device(s)" in err), err
     assert "Traceback" not in err and "nonexistent" not in err
+
+
+# --- 7. model convert on a file that is not GGUF ------------------------------------------------
+
+
+def _not_gguf(tmp_path, kind):
+    import struct
+
+    p = tmp_path / {"text": "notes.txt", "empty": "empty.gguf", "safetensors": "model.safetensors",
+                    "truncated": "cut.gguf", "no_arch": "bare.gguf", "missing": "missing.gguf",
+                    "folder": "models"}[kind]
+    if kind == "text":
+        p.write_text("hello, not a model\n")
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "safetensors":
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(p))
+    elif kind == "truncated":  # the magic bytes, then the header cut short
+        p.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    elif kind == "no_arch":  # a valid GGUF v3 header with no tensors and no metadata
+        p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    elif kind == "folder":
+        p.mkdir()
+    return p
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", "is not a GGUF file (it does not start with the GGUF magic bytes)"),
+    ("empty", "is not a GGUF file (an empty file)"),
+    ("safetensors", "needs no conversion"),
+    ("truncated", "cannot convert"),
+    ("no_arch", "general.architecture"),
+    ("missing", "does not exist"),
+    ("folder", "is a folder, not a GGUF file"),
+])
+def test_model_convert_of_a_non_gguf_file_is_one_line_naming_it(kind, message, tmp_path, capsys):
+    src = _not_gguf(tmp_path, kind)
+    out = tmp_path / "converted"
+    assert main(["model", "convert", f"gguf={src}", f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("instructrl: error: gguf: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(src) in err and message in err, err
+    assert not out.exists()
+
+
+# --- 8. no measured figures in --help ---------------------------------------------------------
+
+
+def test_help_texts_hold_no_measured_timings_or_speedups(capsys):
+    """Timings, speed-ups and measured shares belong in docs/ (with the CPU that measured them); --help
+    says what a key does. Paper defaults ("InstructGPT: 0.02") and the precision rule's threshold are
+    not measurements."""
+    import re
+
+    from instructrl.cli import COMMANDS
+
+    figure = re.compile(r"~\s?\d|\b\d+(\.\d+)?\s?(x\b|×|s\b|ms\b|min\b|h\b)|faster|slower|speed-?up", re.I)
+    rule = "one-off probe measures bf16 1.5x faster or more"  # the threshold resolve_precision applies
+    found = []
+    for key in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([*key, "--help"])
+        for line in capsys.readouterr().out.replace(rule, "").splitlines():
+            if figure.search(line):
+                found.append(f"{' '.join(key)}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+# --- 9. a demanding user's inputs: one line each, exit 2 -----------------------------------------
+
+
+def _one_line_error(capsys, argv) -> str:
+    """Exit 2 and one error line on stderr (besides progress bars: loading weights prints one)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [seg for x in err.split("\n") if (seg := x.split("\r")[-1].strip()) and "it/s]" not in seg]
+    assert len(lines) == 1 and lines[0].startswith("instructrl: error: ") and "Traceback" not in err, err
+    return lines[0] + "\n"
+
+
+def test_invalid_yaml_is_one_line_with_its_line_and_column(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("train:\n  lr: 1e-5\n  epochs: [1,\n")
+    err = _one_line_error(capsys, ["sft", "--config", str(bad)])
+    assert f"{bad}:4:1: not valid YAML: " in err, err
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("model: x\n\tdata: y\n")
+    assert f"{tab}:2:1: not valid YAML: found character '\\t'" in _one_line_error(capsys, ["sft", "--config", str(tab)])
+
+
+@pytest.fixture
+def damaged_model(tiny_model_dir, tmp_path):
+    """The tiny model with its weights file cut short (a copy interrupted, a disk that filled up)."""
+    import shutil
+
+    bad = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    return bad
+
+
+def test_damaged_weights_are_one_line_naming_the_folder(damaged_model, tmp_path, capsys):
+    demos = write_rows(tmp_path / "demos.jsonl", [{"prompt": "hi", "response": "hello"}] * 4)
+    rankings = write_rows(tmp_path / "r.jsonl", [{"prompt": "hi", "responses": ["a", "b"], "ranking": [0, 1]}] * 2)
+    for argv in (["sft", f"model={damaged_model}", f"data.train={demos}", f"output_dir={tmp_path / 's'}"],
+                 ["rm", "eval", f"model={damaged_model}", f"data={rankings}", f"output_dir={tmp_path / 'r'}"]):
+        err = _one_line_error(capsys, argv)
+        assert f"could not load the model folder {damaged_model}: SafetensorError" in err and "damaged" in err, err
+
+
+def test_walked_inputs_that_must_stay_one_line(tiny_model_dir, tmp_path, capsys):
+    """Inputs tried for issue 22 that already gave one line: kept that way."""
+    k1 = write_rows(tmp_path / "k1.jsonl", [{"prompt": "hi", "responses": ["a", "b"], "ranking": [0, 1]},
+                                           {"prompt": "bye", "responses": ["only one"], "ranking": [0]}])
+    err = _one_line_error(capsys, ["dpo", f"model={tiny_model_dir}", f"data.train={k1}", f"output_dir={tmp_path / 'd'}"])
+    assert f"{k1}:2: field 'responses': a ranking needs K >= 2 responses, got 1" in err
+    err = _one_line_error(capsys, ["rm", "eval", f"model={tmp_path / 'nothere'}", f"data={k1}",
+                                   f"output_dir={tmp_path / 'r'}"])
+    assert "does not exist" in err and "nothere" in err
+    empty_file, empty_dir = tmp_path / "policy.bin", tmp_path / "policy"
+    empty_file.write_bytes(b"")
+    empty_dir.mkdir()
+    tasks = tmp_path / "tasks.jsonl"
+    from instructrl.tasks.generator import generate_tasks, save_tasks
+
+    save_tasks(tasks, generate_tasks(2, seed=0))
+    for policy, needle in ((empty_file, "not a model folder (a file)"), (empty_dir, "not a model folder (no config.json)")):
+        err = _one_line_error(capsys, ["eval", f"policies={{sft: {policy}}}", "baseline=sft", f"tasks={tasks}",
+                                       f"reward_model={tiny_model_dir}", f"output_dir={tmp_path / 'e'}"])
+        assert f"policies.sft: {policy}: {needle}" in err, err
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- train.lr: 1e-5\n")
+    assert "top level must be a mapping" in _one_line_error(capsys, ["ppo", "--config", str(lst)])
+    assert "train.lr must be a number, got 'abc'" in _one_line_error(capsys, ["sft", "train.lr=abc"])
+
+
+def test_eval_output_dir_that_is_a_file_fails_before_any_sampling(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import instructrl.models as models
+    from instructrl.tasks.generator import generate_tasks, save_tasks
+
+    tasks = tmp_path / "tasks.jsonl"
+    save_tasks(tasks, generate_tasks(2, seed=0))
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("sampled before checking output_dir"))
+    err = _one_line_error(capsys, ["eval", f"policies={{sft: {tiny_model_dir}}}", "baseline=sft", f"tasks={tasks}",
+                                   f"reward_model={tiny_model_dir}", f"output_dir={tasks}"])
+    assert f"output_dir: {tasks} exists and is not a folder" in err, err
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", b"hello world"], ids=["empty", "cut", "text"])
+def test_a_damaged_state_file_is_a_config_error_naming_it(tmp_path, content):
+    from instructrl.train.common import load_state
+
+    p = tmp_path / "step-000002" / "state.pt"
+    p.parent.mkdir()
+    p.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"resume: .*state\.pt is damaged or cut short .*; remove .*step-000002"):
+        load_state(p)
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_model_dir, tmp_path, capsys):
+    demos = write_rows(tmp_path / "demos.jsonl", [{"prompt": "hi there", "response": "hello you"}] * 4)
+    args = ["sft", f"model={tiny_model_dir}", f"data.train={demos}", f"output_dir={tmp_path / 'run'}",
+            "train.batch_size=2", "train.micro_batch_size=2", "train.precision=fp32"]
+    assert main([*args, "train.epochs=1"]) == 0
+    capsys.readouterr()
+    (state,) = (tmp_path / "run" / "checkpoints").glob("*/state.pt")
+    state.write_bytes(state.read_bytes()[:100])
+    err = _one_line_error(capsys, [*args, "train.epochs=2", "--resume"])
+    assert f"resume: {state} is damaged or cut short" in err, err

@@ -54,8 +54,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
         try:
             raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: the file, line and column, and what the parser found
+            mark = getattr(e, "problem_mark", None)
+            at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise ConfigError(f"{at}: not valid YAML: {what}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config keys")
     overrides = list(overrides or [])

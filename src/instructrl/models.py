@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from instructrl.config import param
 from instructrl.runtime import instructrl_home
@@ -48,6 +50,23 @@ def find_default_gguf() -> Path:
     return files[0]
 
 
+def check_gguf_file(path: Path) -> None:
+    """A clear error for a path that is not a GGUF file (missing, a folder, empty, another format)."""
+    if not path.exists():
+        raise ModelLoadError(f"gguf: {path} does not exist")
+    if path.is_dir():
+        inside = sorted(path.glob("*.gguf"))
+        hint = f"; did you mean gguf={inside[0]}?" if inside else ""
+        raise ModelLoadError(f"gguf: {path} is a folder, not a GGUF file{hint}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        what = "an empty file" if not magic else "it does not start with the GGUF magic bytes"
+        hint = ("; a Hugging Face model folder needs no conversion: name the folder as the model"
+                if path.suffix == ".safetensors" else "")
+        raise ModelLoadError(f"gguf: {path} is not a GGUF file ({what}){hint}")
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Dequantize a GGUF checkpoint into a plain Hugging Face safetensors folder.
 
@@ -62,8 +81,14 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    check_gguf_file(gguf_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except (ValueError, KeyError, struct.error) as e:  # a GGUF header, but cut short or not a model transformers reads
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        what = "cut short" if isinstance(e, struct.error) else type(e).__name__
+        raise ModelLoadError(f"gguf: cannot convert {gguf_path}: {what}: {first}") from e
     config = copy.deepcopy(src.config)
     # The GGUF loader records a quantization_config although the weights are now plain fp32;
     # left in config.json it makes every later save_pretrained refuse ("quantized model").
@@ -135,10 +160,16 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+# What from_pretrained raises for a folder it cannot read: missing or unreadable files, a bad config,
+# damaged weights (a *.safetensors file cut short raises SafetensorError, which is neither of the others).
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+
+
 def hub_error(name: str, e: Exception) -> ModelLoadError:
     first = str(e).splitlines()[0] if str(e) else ""
     if Path(name).is_dir():  # a local folder that exists but does not load: say so, not "hub"
-        return ModelLoadError(f"could not load the model folder {name}: {type(e).__name__}: {first}")
+        hint = "; a weights file in it is damaged or cut short" if isinstance(e, SafetensorError) else ""
+        return ModelLoadError(f"could not load the model folder {name}: {type(e).__name__}: {first}{hint}")
     return ModelLoadError(
         f"could not load model {name!r}: it is not a local folder and the Hugging Face hub could not "
         f"provide it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
@@ -168,7 +199,7 @@ def load_causal_lm(name_or_path: str | None, dtype: torch.dtype = torch.float32)
     path = resolve_model(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise hub_error(path, e) from None
 
 

@@ -93,8 +93,8 @@ class PipelineData:
     max_new_tokens: int = param(64, "response length limit when sampling for rankings and in PPO's rollouts", min=1)
     answer_words: int = param(0, "response budget in words: tasks are drawn so that a compliant answer fits it and "
                                  "labelers write demonstrations to it (a demonstration longer than max_new_tokens "
-                                 "teaches the policy to be cut off); 0 = derived, 0.6 x max_new_tokens "
-                                 "(SmolLM2 spends ~1.3 tokens a word, more in lists and JSON); -1 = no budget")
+                                 "teaches the policy to be cut off); 0 = derived, 0.6 words per token of max_new_tokens "
+                                 "(docs/pipeline.md); -1 = no budget")
 
     def validate(self):
         if self.answer_words == 0:

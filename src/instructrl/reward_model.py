@@ -87,7 +87,7 @@ def init_reward_model(lm_path: str | Path | None, dtype: torch.dtype = torch.flo
     """
     from transformers import AutoModelForSequenceClassification
 
-    from instructrl.models import hub_error, load_tokenizer, resolve_model
+    from instructrl.models import LOAD_ERRORS, hub_error, load_tokenizer, resolve_model
 
     path = resolve_model(None if lm_path is None else str(lm_path))
     tok = load_tokenizer(path)
@@ -103,7 +103,7 @@ def init_reward_model(lm_path: str | Path | None, dtype: torch.dtype = torch.flo
             del config.quantization_config
         with _quiet_transformers():
             model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise hub_error(path, e) from None
     model.config.pad_token_id = pad
     model.config.use_cache = False
@@ -115,13 +115,13 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load a reward model saved by :func:`save_reward_model` (or any 1-label HF classifier)."""
     from transformers import AutoModelForSequenceClassification
 
-    from instructrl.models import ModelLoadError, hub_error, resolve_model
+    from instructrl.models import LOAD_ERRORS, ModelLoadError, hub_error, resolve_model
 
     p = resolve_model(str(path))
     try:
         with _quiet_transformers():
             model = AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise hub_error(p, e) from None
     if model.config.num_labels != 1:
         raise ModelLoadError(f"{p}: not a reward model (num_labels={model.config.num_labels}, expected 1)")

@@ -53,7 +53,8 @@ from instructrl.tasks.labelers import DEFAULT_NOISE
 class EvalLabelers:
     n_train: int = param(6, "training labelers in the pool (they never judge evaluations)")
     n_heldout: int = param(3, "held-out labelers: the only ones that judge here (InstructGPT §4)")
-    noise: float = param(DEFAULT_NOISE, "labeler noise (gold-score units); the default gives ~73% inter-labeler agreement", min=0)
+    noise: float = param(DEFAULT_NOISE, "labeler noise (gold-score units); the default is calibrated to InstructGPT's "
+                                             "inter-labeler agreement (72.6%; docs/simulated-labelers.md)", min=0)
     noise_kind: Literal["gaussian", "gumbel"] = param("gaussian", "labeler noise model (Thurstone or Plackett-Luce)")
 
     def validate(self):
@@ -162,6 +163,9 @@ def check_inputs(cfg: EvalConfig) -> dict[str, list[dict]]:
             raise ConfigError(f"{name}: {e}") from None
     if cfg.pretrain_eval and not Path(cfg.pretrain_eval).exists():
         raise ConfigError(f"pretrain_eval: {cfg.pretrain_eval} does not exist")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():  # else found only when the report is written, after the sampling
+        raise ConfigError(f"output_dir: {out} exists and is not a folder; choose an output folder path")
     return {name: _read_ppo_metrics(path) for name, path in cfg.ppo_runs.items()}
 
 

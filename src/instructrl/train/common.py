@@ -209,13 +209,27 @@ def checkpoint_state(accelerator, pos: Position, opt, sched, order_rng: random.R
             "world_size": accelerator.num_processes, **extra}
 
 
+def load_state(path: Path, hint: str = "") -> dict:
+    """``torch.load`` of a state file this package wrote; a damaged or cut-short one is a one-line
+    ConfigError naming it (``hint``: what to do; default: fall back to the checkpoint before it)."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        hint = hint or (f"remove {path.parent} to resume from the checkpoint before it (if there is one), "
+                        f"or start over with --overwrite")
+        raise ConfigError(f"resume: {path} is damaged or cut short ({first}); {hint}") from None
+
+
 def restore(accelerator, ckpt: Path, opt, sched, order_rng: random.Random, run: RunDir) -> tuple[Position, dict]:
     """Load ``ckpt/state.pt`` into the optimizer, schedule and RNGs; drop metrics rows of later steps.
 
     Call it after the model is built (building draws from the RNG). Returns the position and the state
     (for loop-specific extras).
     """
-    st = torch.load(ckpt / STATE, weights_only=False)
+    st = load_state(ckpt / STATE)
     if st["world_size"] != accelerator.num_processes:
         raise ConfigError(f"resume: {ckpt} was written by {st['world_size']} processes, this run has "
                           f"{accelerator.num_processes}; resume with the same number for an exact continuation")

@@ -43,7 +43,8 @@ from instructrl.io import DataError, RunDir, atomic_write_text
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field, rng_state, set_rng_state
 from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.train.common import (Position, accumulate, check_trainable, cosine_schedule, latest_checkpoint,
-                                     optimizer_step, save_checkpoint, setup_accelerator, split_global_batch)
+                                     load_state, optimizer_step, save_checkpoint, setup_accelerator,
+                                     split_global_batch)
 
 CACHE = "reference_logps.pt"
 
@@ -220,7 +221,7 @@ def reference_logps(cfg: DPOConfig, items: list[DPOItem], pad_id: int, rt, accel
         tmp.replace(path)
         run.info(f"reference log-probs of {len(items)} rankings from {key['reference']} -> {path}")
     accelerator.wait_for_everyone()
-    cached = torch.load(path, weights_only=False)
+    cached = load_state(path, "start a new run (no --resume) to recompute it")
     for k in ("reference", "data", "max_length", "min_prompt_tokens", "ids"):
         if cached.get(k) != key[k]:
             raise ConfigError(f"{path} was computed for {k}={_short(cached.get(k))}, this run has {_short(key[k])}; "
@@ -296,7 +297,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     order_rng = random.Random(tc.seed)  # the same order on every process
     pos = Position()
     if ckpt is not None:
-        st = torch.load(ckpt / "state.pt", weights_only=False)
+        st = load_state(ckpt / "state.pt")
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         order_rng.setstate(st["order_rng"])

@@ -36,7 +36,7 @@ from instructrl.core.tensors import append_eos, gather_logprobs
 from instructrl.rollout import Generation, Rollout, sample
 from instructrl.runtime import Runtime
 from instructrl.scoring import micro_batches, response_logits, response_values, window
-from instructrl.train.common import all_finite
+from instructrl.train.common import all_finite, load_state
 from instructrl.train.processes import Dist
 
 # A scripted reward for tests and experiments: (query [B,P], response [B,R], response_mask [B,R]) -> scores [B].
@@ -401,6 +401,10 @@ class UpdateStats:
     policy_updated: bool = True
 
 
+# The UpdateStats fields ppo_update sums over micro-batches, optimizer steps and processes.
+SUMMED = ("pg_loss", "vf_loss", "ptx_loss", "clipfrac", "approx_kl", "vf_clipfrac", "tokens")
+
+
 def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, masks: GlobalMasks,
                lower: torch.Tensor | None, data: PPOData, progress: Progress, rt: Runtime, dist: Dist) -> UpdateStats:
     """``train.epochs`` passes over the global batch in minibatches; one optimizer step each.
@@ -435,7 +439,7 @@ def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, masks: Glo
             for opt in (opts.policy_opt, opts.value_opt):
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
-            sums = [0.0] * 7  # pg, vf, ptx, clipfrac, approx_kl, vf_clipfrac, tokens
+            sums = dict.fromkeys(SUMMED, 0.0)  # this optimizer step's share of each summed UpdateStats field
             # One autocast context per optimizer step: autocast casts each weight to bf16 once and reuses
             # the copy for every micro-batch; the weights only change at the step, outside it.
             with rt.autocast(), attention_implementation(models.train_attention, *models.trained):
@@ -454,38 +458,37 @@ def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, masks: Glo
                                 kl_term, _ = kl_loss(lp, batch.ref_logprobs[rows, :r], mp, **norm)
                                 pg = pg + beta * kl_term
                             pg.backward()
-                            sums[0] += float(pg.detach())
-                            sums[3] += float(pst["clipfrac"])
-                            sums[4] += float(pst["approx_kl"])
+                            sums["pg_loss"] += float(pg.detach())
+                            sums["clipfrac"] += float(pst["clipfrac"])
+                            sums["approx_kl"] += float(pst["approx_kl"])
                         if value is not None:
                             v = response_values(value, ids, am, r, low).float()
                             vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
                                                      tc.cliprange_value, n_tok)
                             vf.backward()
-                            sums[1] += float(vf.detach())
-                            sums[5] += float(vst["vf_clipfrac"])
-                        sums[6] += float(m.sum())
+                            sums["vf_loss"] += float(vf.detach())
+                            sums["vf_clipfrac"] += float(vst["vf_clipfrac"])
+                        sums["tokens"] += float(m.sum())
                 if data.ptx_ids and move_policy:
-                    sums[2] += ptx_backward(cfg, models, data, progress, rt, dist)
-            sums = dist.sum(sums, rt.device)
+                    sums["ptx_loss"] += ptx_backward(cfg, models, data, progress, rt, dist)
+            sums = dict(zip(sums, dist.sum(list(sums.values()), rt.device)))
             dist.sum_gradients(pol_params + val_params)
             # non-finite loss or gradient: skip that model's update, count it, never save it
             pol_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
             if move_policy:
-                if math.isfinite(sums[0] + sums[2]) and bool(torch.isfinite(pol_norm)):
+                if math.isfinite(sums["pg_loss"] + sums["ptx_loss"]) and bool(torch.isfinite(pol_norm)):
                     opts.policy_opt.step()
                 else:
                     progress.skipped["policy"] += 1
             if value is not None:
                 val_norm = torch.nn.utils.clip_grad_norm_(value.parameters(), tc.max_grad_norm)
-                if math.isfinite(sums[1]) and bool(torch.isfinite(val_norm)):
+                if math.isfinite(sums["vf_loss"]) and bool(torch.isfinite(val_norm)):
                     opts.value_opt.step()
                 else:
                     progress.skipped["value"] += 1
                 opts.value_opt.zero_grad(set_to_none=True)
             opts.policy_opt.zero_grad(set_to_none=True)
-            for name, x in zip(("pg_loss", "vf_loss", "ptx_loss", "clipfrac", "approx_kl", "vf_clipfrac", "tokens"),
-                               sums):
+            for name, x in sums.items():
                 setattr(st, name, getattr(st, name) + x)
             st.updates += 1
     if st.policy_updated:  # the policy's LR warm-up starts when the policy does
@@ -576,7 +579,7 @@ def restore(ckpt: Path, opts: Optimisers, dist: Dist) -> Progress:
     """Optimizers, KL controller, this process's RNG streams and the run's position from ``ckpt/state.pt``."""
     from instructrl.runtime import set_rng_state
 
-    st = torch.load(ckpt / "state.pt", weights_only=False)
+    st = load_state(ckpt / "state.pt")
     saved_world = st.get("world_size", 1)
     if saved_world != dist.world:
         raise ConfigError(f"resume: {ckpt} was written by {saved_world} process(es), this run has {dist.world}; "
