@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -90,6 +91,7 @@ def run_ours(model: str, data: Path, loss: str, per_step: int, micro: int, max_l
     ])
     train_dpo(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out)  # checkpoints with optimizer state: GBs per run at the default model's size
     return [r["seconds"] for r in rows[1:]]
 
 
@@ -126,6 +128,7 @@ def run_trl(model: str, rows: list[dict], pairs_per_step: int, micro: int, max_l
     tokens = statistics.mean([len(p) + len(y) for col in ("chosen_ids", "rejected_ids")
                               for p, y in zip(prompts, list(ds[col]))])
     trainer.train()
+    shutil.rmtree(out, ignore_errors=True)
     return [b - a for a, b in zip(timer.ends, timer.ends[1:])], tokens
 
 
