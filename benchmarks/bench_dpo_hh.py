@@ -15,7 +15,11 @@ The default model (the embedded SmolLM2-135M-Instruct) is heavy on a CPU; for a 
 script use a tiny model and a few rows:
 
     python benchmarks/bench_dpo_hh.py --model PATH_TO_TINY --limit 40 --test 10 --rm
-    flock /tmp/instructrl-heavy.lock .venv/bin/python benchmarks/bench_dpo_hh.py --rm [--train 300 --test 300]
+    flock /tmp/instructrl-heavy.lock .venv/bin/python benchmarks/bench_dpo_hh.py --rm --train 160 --test 300 \
+        --max-length 128 --lr 1e-5 --batch-size 8        # the run in docs/dpo.md: about 15 min on 2 cores
+
+In a git worktree outside the main checkout, pass ``--data`` (the default path is relative to the
+checkout: ``../shared/data``).
 """
 
 from __future__ import annotations
