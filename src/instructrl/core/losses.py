@@ -304,7 +304,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, weight: torch.Tensor | None = None,
              num: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """IPO loss, Azar et al. 2023 eq. (17), with τ = ``beta``:
+    """IPO loss, Azar et al. 2023 eq. (17) (the empirical IPO loss on a dataset of pairs), with τ = ``beta``:
 
         h = log π_θ(y_w|x)/π_ref(y_w|x) - log π_θ(y_l|x)/π_ref(y_l|x),   L = E[ (h - 1/(2τ))² ]
 
@@ -322,7 +322,9 @@ def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 def plackett_luce_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, group: torch.Tensor,
                            ranks: torch.Tensor, beta: float,
                            num_rankings: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Listwise DPO under the Plackett-Luce model, Rafailov et al. 2023 Appendix A.3 eq. (18):
+    """Listwise DPO under the Plackett-Luce model, Rafailov et al. 2023 Appendix A.3 ("Deriving the DPO
+    Objective Under the Plackett-Luce Model"): the ranking likelihood of eq. (18) with the implicit reward
+    substituted (the partition function cancels), as a negative log-likelihood:
 
         L = -E[ log Π_{k=1..K} exp(r(x, y_τ(k))) / Σ_{j=k..K} exp(r(x, y_τ(j))) ],  r = β log π_θ/π_ref
 

@@ -7,7 +7,7 @@ the rejected one. ``train.loss`` picks the objective (core/losses.py):
 * ``dpo``      pairwise DPO, eq. 7; a K-ranking gives its C(K,2) untied pairs, each weighted 1/C(K,2)
                (the weighting of the K-wise RM loss, InstructGPT eq. 1)
 * ``ipo``      IPO (Azar et al. 2023, eq. 17) on the same pairs
-* ``listwise`` Plackett-Luce DPO (DPO Appendix A.3, eq. 18): one term per ranking
+* ``listwise`` Plackett-Luce DPO (DPO Appendix A.3; the ranking model is eq. 18): one term per ranking
 
 Either way each of a ranking's K responses is one forward pass of the policy. The reference's
 sequence log-probs are computed once per dataset, before training, with the frozen reference, and
