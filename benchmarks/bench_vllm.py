@@ -139,6 +139,7 @@ def ppo_steps(args) -> None:
         cfg = load_config(PPOConfig, None, [
             f"prompts={prompts}", f"output_dir={tmp / f'{engine}-{run}'}", "steps=1", f"seed={run}",
             f"rollout.batch_size={args.batch}", f"rollout.max_new_tokens={args.tokens}",
+            f"train.minibatch_size={min(8, args.batch)}",
             f"train.precision={args.precision}", f"engine.name={engine}", f"engine.enforce_eager={not args.compile}",
             f"run.threads={torch.get_num_threads()}"])
         row = json.loads((train_ppo(cfg, reward_fn=reward) / "metrics.jsonl").read_text().splitlines()[-1])
