@@ -1,7 +1,8 @@
 """Generation engines: token ids in, sampled token ids out, from the built-in sampler or vLLM.
 
-Two engines share one interface, so a caller (text generation, evaluation, later PPO's rollouts)
-picks one with a config section and never branches on it again::
+Two engines share one interface, so a caller (text generation, evaluation, PPO's rollouts) picks
+one with a config section (``engine.name``: hf, vllm, or auto = vllm where importable) and never
+branches on it again::
 
     eng = engine_for(model, tok, EngineSettings(name="vllm"), precision="fp32")
     g = eng.generate(prompt_ids, SamplingSettings(max_new_tokens=64, n=4, seed=0))  # a rollout.Generation
@@ -11,15 +12,17 @@ picks one with a config section and never branches on it again::
 - ``hf``: :func:`instructrl.rollout.sample` (our KV-cache loop over Hugging Face forwards), unchanged.
 - ``vllm``: ``vllm.LLM`` in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), one engine per process,
   kept across calls; :meth:`VLLMEngine.sync_weights` copies the HF model's weights into it with the
-  model's own ``load_weights`` (what TRL and OpenRLHF do in colocate mode), no restart.
+  model's own ``load_weights`` (what TRL and OpenRLHF do in colocate mode), no restart; a LoRA model
+  is pushed merged (``lora.merged_copy``), its adapters untouched.
 
 Sampling semantics are the built-in sampler's: temperature (0 = greedy), top-k (0 = full vocabulary),
 stop at the tokenizer's EOS only (the EOS kept in the response), ``max_new_tokens``, and the missing-EOS
 rule (``ended = False``). vLLM returns log-probs *after* temperature and top-k (``logprobs_mode=
 processed_logprobs``): equal to :class:`~instructrl.rollout.Generation`'s at top_k = 0, renormalised
-over the top k otherwise. Either way they are informational: PPO recomputes the old log-probs with
-its own forward when sampling with vLLM (the engines' numerics differ). docs/vllm.md has the install
-recipe and the measured speed.
+over the top k otherwise. PPO never uses them as π_old: it recomputes the old log-probs with its own
+forward when sampling with vLLM (the engines' numerics differ) and uses the engine's only for the
+``engine_logprob_gap`` metric and truncated importance sampling (``train.tis_cap``). docs/vllm.md
+has the install recipe and the measured speed.
 """
 
 from __future__ import annotations
@@ -257,7 +260,10 @@ class VLLMEngine:
             if not is_lora(model):
                 raise ConfigError("engine.name=vllm: a PEFT model must be merged first (merge_and_unload)")
             model = merged_copy(model)  # W + α/r·BA in a copy: the model being trained keeps its adapters
-        weights = ((k, v.detach()) for k, v in model.state_dict().items())
+        # cast to the engine's dtype here (the same rounding as vLLM's copy), else it warns for every tensor
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.dtype]
+        weights = ((k, v.detach().to(dtype) if v.is_floating_point() else v.detach())
+                   for k, v in model.state_dict().items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
