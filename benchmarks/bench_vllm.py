@@ -9,6 +9,15 @@ generated tokens (EOS included). The built-in sampler is timed once before vLLM 
 vllm, starting the engine and pushing the HF weights into it (sync_weights) are timed; then, after a
 vLLM warm-up, --repeats pairs of calls alternate the two engines, so that both see the same load on a
 shared machine (and the built-in sampler runs with the engine living in the process).
+
+    ... bench_vllm.py --ppo-step [--repeats 3] [--batch 16] [--tokens 64]
+
+times whole PPO steps instead: ``train_ppo`` on the default model (policy, reference and value model
+from its weights; a scripted reward, so no reward-model forward), one step per run, alternating
+engine.name=hf and engine.name=vllm after one untimed warm-up run of each. Reported per run: the step
+time (generate + score + train + the weight sync) and the generation phase, and their hf/vllm ratios.
+With vllm the score phase also runs the policy forward that recomputes π_old (the built-in sampler's
+fp32 log-probs are reused instead), and each step ends with a sync_weights.
 """
 
 from __future__ import annotations
@@ -45,7 +54,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precision", default="auto", help="auto = runtime.resolve_precision on this machine")
     ap.add_argument("--compile", action="store_true", help="vLLM with torch.compile (enforce_eager=false)")
+    ap.add_argument("--ppo-step", action="store_true", help="time PPO steps with engine=hf vs engine=vllm")
+    ap.add_argument("--batch", type=int, default=16, help="--ppo-step: rollout.batch_size")
     args = ap.parse_args()
+    if args.ppo_step:
+        return ppo_steps(args)
 
     import torch
 
@@ -96,6 +109,54 @@ def main() -> None:
         res["vllm"].append(timed(eng, ids, settings))
         print(json.dumps({"pair": len(res["hf"]), "hf": res["hf"][-1], "vllm": res["vllm"][-1]}), flush=True)
     res["ratio_per_pair"] = [round(v / h, 2) for h, v in zip(res["hf"], res["vllm"])]
+    print(json.dumps(res), flush=True)
+
+
+def ppo_steps(args) -> None:
+    """One PPO step per run, engine=hf and engine=vllm alternating (see the module docstring)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from instructrl.config import load_config
+    from instructrl.engines import vllm_available
+    from instructrl.io import write_jsonl
+    from instructrl.tasks import generate_tasks
+    from instructrl.train.ppo import PPOConfig, train_ppo
+
+    if not vllm_available():
+        print("vllm is not importable here: run this with the vLLM venv's python (docs/vllm.md)")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-engine-"))
+    prompts = tmp / "prompts.jsonl"
+    write_jsonl(prompts, [{"id": i, "prompt": t.prompt} for i, t in enumerate(generate_tasks(64, seed=11))])
+
+    def reward(query, response, mask):  # scripted: the RM's forward costs the same under both engines
+        return mask.sum(1) / mask.shape[1]
+
+    def one_step(engine: str, run: int) -> dict:
+        cfg = load_config(PPOConfig, None, [
+            f"prompts={prompts}", f"output_dir={tmp / f'{engine}-{run}'}", "steps=1", f"seed={run}",
+            f"rollout.batch_size={args.batch}", f"rollout.max_new_tokens={args.tokens}",
+            f"train.minibatch_size={min(8, args.batch)}",
+            f"train.precision={args.precision}", f"engine.name={engine}", f"engine.enforce_eager={not args.compile}",
+            f"run.threads={torch.get_num_threads()}"])
+        row = json.loads((train_ppo(cfg, reward_fn=reward) / "metrics.jsonl").read_text().splitlines()[-1])
+        t = {k[5:]: round(v, 2) for k, v in row.items() if k.startswith("time_")}
+        return {"engine": engine, "step_s": round(sum(t.values()), 2), **t, "response_tokens": round(row["response_length"] * args.batch),
+                "gap": row.get("engine_logprob_gap")}
+
+    res: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "batch": args.batch,
+                 "max_new_tokens": args.tokens, "runs": []}
+    for engine in ("hf", "vllm"):  # warm-up: kernels, allocator, the vLLM engine's start
+        print(json.dumps({"warm-up": one_step(engine, 0)}), flush=True)
+    for run in range(1, args.repeats + 1):
+        pair = {e: one_step(e, run) for e in ("hf", "vllm")}  # same seed: the same prompts in both
+        pair["step_ratio"] = round(pair["hf"]["step_s"] / pair["vllm"]["step_s"], 2)
+        pair["generate_ratio"] = round(pair["hf"]["generate"] / pair["vllm"]["generate"], 2)
+        res["runs"].append(pair)
+        print(json.dumps(pair), flush=True)
     print(json.dumps(res), flush=True)
 
 

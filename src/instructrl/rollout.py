@@ -69,6 +69,8 @@ class Rollout:
     rewards:       [B, R] float, −β·KL at every token + score at the last token
     advantages:    [B, R] float, whitened GAE (or RLOO) advantages
     returns:       [B, R] float, GAE returns (value targets, not whitened); under RLOO = advantages, unused
+    is_weights:    [B, R] float or None, truncated importance weights min(π_old/π_engine, C) of each token's
+                   policy loss (train.tis_cap, vLLM rollouts only); None = every weight 1
     All per-token tensors are 0 on padding.
     """
 
@@ -85,10 +87,12 @@ class Rollout:
     rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    is_weights: torch.Tensor | None = None
 
     def select(self, idx: torch.Tensor) -> "Rollout":
         """The rows ``idx`` (a minibatch)."""
-        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                          for f in fields(self)})
 
 
 

@@ -228,6 +228,35 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[to
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
+def truncated_importance_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling (TIS) for responses sampled by a different engine than the trainer.
+
+    Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training": when a fast
+    engine (vLLM) samples the responses but the trainer recomputes π_old itself, the tokens come from
+    π_engine, not π_old, and the policy gradient is off by π_old/π_engine at each token. TIS weighs each
+    token's policy loss by that ratio, truncated from above so a token the engine found unlikely cannot
+    blow the gradient up:
+
+        w_t = min(exp(log π_old(y_t) − log π_engine(y_t)), C)          (a constant: no gradient)
+
+    old_logprobs:     [B, R] the trainer's log π_old of the sampled tokens
+    rollout_logprobs: [B, R] the engine's log-probs of the same tokens
+    mask:             [B, R] 1 on real response tokens
+    cap:              C > 0
+    returns (w [B, R], 0 on padding; truncated [B, R] bool, True where the cap was hit on a real token).
+
+    w_t >= 0, and for w >= 0, w·max(a, b) = max(w·a, w·b): multiplying the advantages by w multiplies
+    each token's clipped PPO loss (Schulman et al. 2017, eq. 7) by w, which is how PPO applies it.
+    """
+    if cap <= 0:
+        raise ValueError(f"truncated_importance_weights: cap must be > 0, got {cap}")
+    with torch.no_grad():
+        ratio = torch.exp(old_logprobs.float() - rollout_logprobs.float())
+        truncated = (ratio > cap) & (mask > 0)
+        return ratio.clamp(max=cap) * mask, truncated
+
+
 # ---------------------------------------------------------------------------
 # KL coefficient: fixed (InstructGPT, β = 0.02) or adaptive (Ziegler et al. 2019, §2.2)
 # ---------------------------------------------------------------------------

@@ -36,12 +36,13 @@ from typing import Literal
 import torch
 
 from instructrl.config import ConfigError, check, overwrite_field, param
+from instructrl.engines import EngineSettings
 from instructrl.lora import LoraSettings
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.train.common import latest_checkpoint
 from instructrl.train.processes import make_dist
-from instructrl.train.ppo_phases import (RewardFn, compute_advantages, episode_generators, generate_trajectory,
+from instructrl.train.ppo_phases import (RewardFn, compute_advantages, generate_trajectory,
                                          load_data, load_models, make_optimisers,
                                          metrics_row, ppo_update, Progress, restore, save_checkpoint, save_final,
                                          score_trajectory, step_prompts)
@@ -125,6 +126,10 @@ class PPOTrain:
     drop_uninformative_groups: bool = param(
         False, "leave out of the policy loss (and of whitening) the prompts whose samples_per_prompt scores are "
                "all equal: they carry no group-relative signal (DAPO's dynamic sampling, without the re-sampling)")
+    tis_cap: float = param(
+        0.0, "truncated importance sampling against the engine's numerics (engine.name=vllm): each token's policy "
+             "loss is weighted by min(π_old/π_engine, tis_cap), π_old the trainer's recomputed log-probs (Yao et al. "
+             "2025; verl and OpenRLHF use 2); 0 = off. No effect with the built-in sampler (docs/ppo.md)", min=0)
     kl_in_loss: bool = param(
         False, "put β·KL (k3 estimator) in the policy loss, as GRPO, instead of −β·KL in the reward (InstructGPT)")
     gamma: float = param(1.0, "GAE discount; 1 = no discounting (one bandit episode per response)", min=0, max=1)
@@ -155,6 +160,8 @@ class PPOTrain:
     def validate(self):
         check(not (self.lora.enabled and self.trainable_layers == 0),
               "train.trainable_layers=0 with train.lora.rank > 0 leaves no block for the adapters; use -1 or N >= 1")
+        check(self.tis_cap == 0 or self.tis_cap >= 1,
+              f"train.tis_cap must be 0 (off) or >= 1 (a cap below 1 shrinks every token), got {self.tis_cap}")
         check(self.advantage == "gae" or self.value_warmup_steps == 0,
               f"train.value_warmup_steps needs train.advantage=gae ({self.advantage} has no value model)")
 
@@ -189,6 +196,10 @@ class PPOConfig:
     kl: PPOKL = param(PPOKL(), "KL penalty against the reference (SFT) policy")
     train: PPOTrain = param(PPOTrain(), "optimisation")
     run: PPORun = param(PPORun(), "checkpoints and reproducibility")
+    engine: EngineSettings = param(
+        EngineSettings(name="auto"), "the rollouts' sampler: auto = vLLM where it is importable, else the built-in "
+                                     "sampler; with vllm the trainer recomputes π_old itself and pushes the policy's "
+                                     "weights into the engine after every update (docs/vllm.md, docs/ppo.md)")
 
     def finalize(self):
         if self.out:  # the run folder key was `out` before 0.2; every other command says output_dir
@@ -218,6 +229,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     """Run PPO(-ptx); returns the run folder. ``reward_fn`` replaces the reward model (tests, scripted rewards)."""
     from tqdm import tqdm
 
+    from instructrl.engines import engine_for, resolve_engine
     from instructrl.io import RunDir
 
     rc, tc = cfg.rollout, cfg.train
@@ -229,8 +241,12 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         torch.use_deterministic_algorithms(True)
     rt = make_runtime(cfg.device, tc.precision)
     tc.precision = rt.precision  # saved resolved, so the run folder says what ran
-    # fp32 sampling logits equal a fresh forward's up to rounding; under bf16 they do not
-    reuse_logprobs = rc.old_logprobs == "sampling" or (rc.old_logprobs == "auto" and rt.amp_dtype is None)
+    cfg.engine, engine_why = resolve_engine(cfg.engine)  # auto -> vllm or hf, saved resolved too
+    use_vllm = cfg.engine.name == "vllm"
+    # fp32 sampling logits equal a fresh forward's up to rounding; under bf16 they do not. Another
+    # engine's log-probs (vLLM) are never π_old: its kernels differ, and the ratio must start at 1.
+    reuse_logprobs = not use_vllm and (rc.old_logprobs == "sampling" or
+                                       (rc.old_logprobs == "auto" and rt.amp_dtype is None))
     dist = make_dist(cfg, rt)
 
     # --- set-up: run folder, models, data, optimizers; a resumed run continues from its checkpoint ---
@@ -244,6 +260,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     opts = make_optimisers(cfg, models)
     torch.manual_seed(cfg.seed)
     progress = restore(ckpt, opts, dist) if ckpt else Progress()
+    # vLLM: one engine per process, started from the policy's folder and synced from the (restored)
+    # in-memory policy before the first rollout; a LoRA policy is pushed merged
+    engine = engine_for(models.policy, models.tok, cfg.engine, rt.precision) if use_vllm else None
     if ckpt:  # metrics written after the checkpoint belong to steps that will be redone
         if dist.is_main:
             from instructrl.io import write_jsonl
@@ -255,8 +274,11 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
              + (f"PPO-ptx with γ={tc.ptx_coef} on {len(data.ptx_ids)} texts" if data.ptx_ids else "plain PPO")
              + f"; {dist.world} process(es), {share} episodes each per step on {rt.device} ({rt.precision})"
              + f"; old log-probs {'from sampling' if reuse_logprobs else 'recomputed'}; advantages: {tc.advantage}"
+             + f"; {engine_why}" + (f", TIS cap {tc.tis_cap}" if use_vllm and tc.tis_cap else "")
              + f"; training attention: {models.train_attention or 'model default'}"
              + (f"; lower {models.share} blocks shared by all models" if models.share else ""))
+    if tc.tis_cap and not use_vllm:
+        run.info("train.tis_cap has no effect with the built-in sampler (it samples with the trainer's own numerics)")
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
 
     bar = tqdm(total=cfg.steps, initial=progress.step, desc="ppo", dynamic_ncols=True, disable=not dist.is_main)
@@ -266,8 +288,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         mine = dist.local_rows(rc.batch_size)
         idx = step_prompts(cfg, data, progress)[mine]
         progress.prompt_pos += rc.batch_size // rc.samples_per_prompt
-        gens = episode_generators(cfg.seed, progress.step, range(mine.start, mine.stop), rt.device)
-        g = generate_trajectory(cfg, models, [data.prompt_ids[i] for i in idx], gens, rt, reuse_logprobs)
+        g = generate_trajectory(cfg, models, [data.prompt_ids[i] for i in idx], range(mine.start, mine.stop),
+                                progress.step, rt, reuse_logprobs, engine)
         t1 = time.perf_counter()
         # 2. score (no grad)
         scored = score_trajectory(cfg, models, g, rt, reuse_logprobs, reward_fn)
@@ -279,8 +301,11 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         opts.kl_ctl.update(stats.seq_kl, rc.batch_size)
         progress.step += 1
         t3 = time.perf_counter()
-        # 6. log, checkpoint
         times = {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2}
+        if engine is not None and up.policy_updated:  # the next rollout samples the updated policy
+            engine.sync_weights(models.policy)
+            times["sync"] = time.perf_counter() - t3
+        # 6. log, checkpoint
         row = metrics_row(progress, stats, up, opts, times, dist.world, share)
         run.log_metrics(row)
         bar.update(1)

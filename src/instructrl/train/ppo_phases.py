@@ -239,18 +239,37 @@ def step_prompts(cfg, data: PPOData, progress: Progress) -> list[int]:
     return [i for i in stream_indices(len(data.prompt_ids), progress.prompt_pos, B // k, cfg.seed) for _ in range(k)]
 
 
+def episode_seed(seed: int, step: int, row: int) -> int:
+    """Episode ``row`` of step ``step``'s global batch: its sampler seed, from (seed, step, row) alone."""
+    return (seed * 1_000_003 + step) * 100_003 + row
+
+
 def episode_generators(seed: int, step: int, rows: range, device: torch.device) -> list[torch.Generator]:
     """One RNG stream per episode of the global batch, seeded by (seed, step, row): the same tokens are
     sampled whichever process samples the row, and a resumed run needs no sampler state."""
-    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 100_003 + r) for r in rows]
+    return [torch.Generator(device=device).manual_seed(episode_seed(seed, step, r)) for r in rows]
 
 
-def generate_trajectory(cfg, models: Models, prompts: list[list[int]], generators: list[torch.Generator],
-                        rt: Runtime, with_logprobs: bool) -> Generation:
+def generate_trajectory(cfg, models: Models, prompts: list[list[int]], rows: range, step: int, rt: Runtime,
+                        with_logprobs: bool, engine=None) -> Generation:
+    """Sample episodes ``rows`` of the global batch (one prompt each), each from its own seed.
+
+    ``engine`` None: the built-in sampler on the policy itself. A vLLM engine (holding the policy's
+    current weights): the same sampling rules, each episode's request seeded by :func:`episode_seed`,
+    and ``logprobs`` are the engine's (never used as π_old; see score_trajectory)."""
     rc = cfg.rollout
+    if engine is not None:
+        from instructrl.engines import SamplingSettings
+
+        s = SamplingSettings(rc.max_new_tokens, rc.temperature, rc.top_k, seeds=[episode_seed(cfg.seed, step, r)
+                                                                                for r in rows], logprobs=True)
+        g = engine.generate(prompts, s)
+        return Generation(*(None if t is None else t.to(rt.device) for t in
+                            (g.query, g.query_mask, g.response, g.response_mask, g.ended, g.logprobs, g.entropy)))
     models.policy.eval()
-    g = sample(models.policy, prompts, rc.max_new_tokens, models.eos_id, models.pad_id, generators,
-               rc.temperature, rc.top_k, rt.amp_dtype, return_logprobs=with_logprobs)
+    g = sample(models.policy, prompts, rc.max_new_tokens, models.eos_id, models.pad_id,
+               episode_generators(cfg.seed, step, rows, rt.device), rc.temperature, rc.top_k, rt.amp_dtype,
+               return_logprobs=with_logprobs)
     models.policy.train()
     return g
 
@@ -270,6 +289,7 @@ class Scored:
     values: torch.Tensor
     scores: torch.Tensor
     lower: torch.Tensor | None  # [b, P + R + 1, H] hidden state after the shared blocks, reused in training
+    engine_logprobs: torch.Tensor | None = None  # [b, R] the sampling engine's (vLLM), when it is not the trainer
 
 
 def score_trajectory(cfg, models: Models, g: Generation, rt: Runtime, reuse_logprobs: bool,
@@ -312,7 +332,10 @@ def score_trajectory(cfg, models: Models, g: Generation, rt: Runtime, reuse_logp
     if rc.missing_eos_penalty is not None:
         scores = torch.where(g.ended, scores, scores - rc.missing_eos_penalty)
     mask = g.response_mask
-    return Scored(logprobs * mask, ref_logprobs * mask, entropy * mask, values * mask, scores, lower)
+    # log-probs that came with the sample but are not π_old: another engine's (vLLM), kept for the
+    # engine-vs-trainer gap and truncated importance sampling
+    engine_lp = None if reuse_logprobs or g.logprobs is None else g.logprobs * mask
+    return Scored(logprobs * mask, ref_logprobs * mask, entropy * mask, values * mask, scores, lower, engine_lp)
 
 
 # ---------------------------------------------------------------------------
@@ -334,6 +357,8 @@ class BatchStats:
     missing_eos: float
     tokens: float
     informative: float  # share of rows the policy loss uses (train.drop_uninformative_groups)
+    engine_logprob_gap: float | None = None  # mean |log π_engine − log π_old| over response tokens (vLLM)
+    tis_truncated: float | None = None  # share of response tokens whose TIS weight hit train.tis_cap
 
 
 @dataclass
@@ -378,8 +403,15 @@ def compute_advantages(cfg, g: Generation, s: Scored, beta: float,
         informative=float(keep.float().mean()))
     rows, R = dist.local_rows(n), g.response_mask.shape[1]
     mine = lambda t: t[rows, :R]  # noqa: E731 — back to this process's rows and width
+    is_weights = None
+    if s.engine_logprobs is not None:  # sampled by vLLM: how far its numerics are from the trainer's
+        engine_lp = dist.gather_rows(s.engine_logprobs)
+        stats.engine_logprob_gap = float(rl_math.masked_mean((engine_lp - logprobs).abs(), mask))
+        if tc.tis_cap > 0:
+            w, truncated = rl_math.truncated_importance_weights(logprobs, engine_lp, mask, tc.tis_cap)
+            is_weights, stats.tis_truncated = mine(w), float(truncated.sum()) / max(float(mask.sum()), 1.0)
     batch = Rollout(g.query, g.query_mask, g.response, g.response_mask, g.ended, mine(logprobs), mine(ref_logprobs),
-                    mine(values), scores[rows], mine(kl), mine(rewards), mine(advantages), mine(returns))
+                    mine(values), scores[rows], mine(kl), mine(rewards), mine(advantages), mine(returns), is_weights)
     return batch, GlobalMasks(mask, policy_mask), stats
 
 
@@ -452,8 +484,10 @@ def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, masks: Glo
                             lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature, low),
                                                  batch.response[rows, :r])
                             mp = policy_mask[rows, :r]
-                            pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], batch.advantages[rows, :r], mp,
-                                                      tc.cliprange, **norm)
+                            adv = batch.advantages[rows, :r]
+                            if batch.is_weights is not None:  # TIS: w·A weighs each token's clipped loss by w
+                                adv = adv * batch.is_weights[rows, :r]
+                            pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], adv, mp, tc.cliprange, **norm)
                             if tc.kl_in_loss:  # GRPO: β·KL(π‖π_SFT) in the loss, k3 estimator
                                 kl_term, _ = kl_loss(lp, batch.ref_logprobs[rows, :r], mp, **norm)
                                 pg = pg + beta * kl_term
@@ -541,6 +575,8 @@ def metrics_row(progress: Progress, bs: BatchStats, up: UpdateStats, opts: Optim
         "lr": opts.policy_sched.get_last_lr()[0], **{f"time_{k}": v for k, v in times.items()},
         "tokens_per_s": bs.tokens / max(sum(times.values()), 1e-9), "world_size": world, "episodes": episodes,
         "informative_groups": bs.informative,
+        **({"engine_logprob_gap": bs.engine_logprob_gap} if bs.engine_logprob_gap is not None else {}),
+        **({"tis_truncated": bs.tis_truncated} if bs.tis_truncated is not None else {}),
     }
 
 
