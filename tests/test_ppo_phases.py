@@ -35,8 +35,8 @@ def setup(tiny_model_dir, prompts_file, tmp_path, *extra):
 
 def rollout(cfg, models, data, with_logprobs=False, step=0):
     idx = step_prompts(cfg, data, Progress(step=step))
-    gens = episode_generators(cfg.seed, step, range(len(idx)), RT.device)
-    return generate_trajectory(cfg, models, [data.prompt_ids[i] for i in idx], gens, RT, with_logprobs)
+    return generate_trajectory(cfg, models, [data.prompt_ids[i] for i in idx], range(len(idx)), step, RT,
+                               with_logprobs)
 
 
 def params(model):
@@ -125,10 +125,9 @@ def test_generate_trajectory_shapes_eos_mask_and_sampling_logprobs(tiny_model_di
 def test_rows_of_one_prompt_differ_and_a_split_batch_samples_the_same_tokens(tiny_model_dir, prompts_file, tmp_path):
     cfg, models, data = setup(tiny_model_dir, prompts_file, tmp_path)
     prompt = data.prompt_ids[0]
-    gens = lambda rows: episode_generators(cfg.seed, 0, rows, RT.device)  # noqa: E731
-    whole = generate_trajectory(cfg, models, [prompt] * 4, gens(range(4)), RT, False)
+    whole = generate_trajectory(cfg, models, [prompt] * 4, range(4), 0, RT, False)
     assert len({tuple(r) for r in whole.response.tolist()}) == 4  # one prompt, four different samples
-    half = generate_trajectory(cfg, models, [prompt] * 2, gens(range(2, 4)), RT, False)
+    half = generate_trajectory(cfg, models, [prompt] * 2, range(2, 4), 0, RT, False)
     r = half.response.shape[1]
     assert torch.equal(half.response, whole.response[2:, :r]) and torch.equal(half.response_mask,
                                                                               whole.response_mask[2:, :r])
