@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import platform
 import subprocess
 import time
@@ -142,7 +143,9 @@ def ppo_steps(args) -> None:
             f"train.minibatch_size={min(8, args.batch)}",
             f"train.precision={args.precision}", f"engine.name={engine}", f"engine.enforce_eager={not args.compile}",
             f"run.threads={torch.get_num_threads()}"])
-        row = json.loads((train_ppo(cfg, reward_fn=reward) / "metrics.jsonl").read_text().splitlines()[-1])
+        run_dir = train_ppo(cfg, reward_fn=reward)
+        row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        shutil.rmtree(run_dir)  # a checkpoint and two final models each: GBs at the default model's size
         t = {k[5:]: round(v, 2) for k, v in row.items() if k.startswith("time_")}
         return {"engine": engine, "step_s": round(sum(t.values()), 2), **t, "response_tokens": round(row["response_length"] * args.batch),
                 "gap": row.get("engine_logprob_gap")}
