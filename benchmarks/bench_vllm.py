@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import platform
+import shutil
 import subprocess
 import time
 
