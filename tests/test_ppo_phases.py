@@ -368,6 +368,10 @@ def test_save_checkpoint_then_restore_round_trips_every_state(tiny_model_dir, pr
     assert sorted(p.name for p in folder.iterdir()) == [nxt.name] == ["step-000004"]
     with pytest.raises(ConfigError, match="same process count"):
         restore(nxt, fresh, Dist(world=2))
+    state = nxt / "state.pt"  # damaged (a copy cut short): one line naming it, not a torch traceback
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=f"resume: {state} is damaged or cut short"):
+        restore(nxt, fresh, Dist())
 
 
 def test_reference_under_lora_is_the_base_model_with_the_adapter_off(tiny_model_dir, prompts_file, tmp_path):
