@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if presets and args.preset:  # load_config puts the preset's overrides under the file's and the user's
         overrides.insert(0, f"preset={args.preset}")
     cfg = None
+    ok = False
     try:
         cfg = load_config(cls, args.config, overrides)
         if args.resume:
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"'instructrl {' '.join(key)}' has no --overwrite")
             cfg.overwrite = True
         getattr(module, fn_name)(cfg)
+        ok = True
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"instructrl: error: {e}", file=sys.stderr)
         _log_error_in_run_folder(cfg, e)
@@ -188,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("instructrl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a torchrun/accelerate launch: leave its group cleanly
+            from instructrl.train.processes import close_process_group
+
+            close_process_group(ok)
     return 0
 
 

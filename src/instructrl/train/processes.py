@@ -101,6 +101,27 @@ def make_dist(cfg, rt: Runtime) -> Dist:
     return d
 
 
+def close_process_group(ok: bool) -> None:
+    """End this process's part in a torchrun/accelerate launch, if one was started.
+
+    A process that returns while the others still write files (rank 0 saves, the rest do not) and
+    leaves the gloo group to the interpreter's exit can abort in a C++ destructor ("terminate called
+    without an active exception", SIGABRT), which fails the whole launch. After a clean run every
+    process waits for the others first; after an error it leaves at once (the others may never arrive).
+    """
+    import sys
+
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def launch(command: str, cfg, nproc: int, config_path: Path) -> None:
     """Run ``instructrl <command>`` on ``cfg`` in ``nproc`` processes (torchrun), from this process.
 
