@@ -505,6 +505,20 @@ def test_invalid_yaml_is_one_line_with_its_line_and_column(tmp_path, capsys):
     assert f"{tab}:2:1: not valid YAML: found character '\\t'" in _one_line_error(capsys, ["sft", "--config", str(tab)])
 
 
+def test_a_key_given_twice_in_a_yaml_config_is_an_error_naming_both_lines(tmp_path, capsys):
+    # plain YAML keeps the second value silently: a user who set train.lr twice trains with one of them
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 1e-5\n  epochs: 2\n  lr: 3e-4\nmodel: x\n")
+    err = _one_line_error(capsys, ["sft", "--config", str(twice)])
+    assert f"{twice}:4:3: not valid YAML: duplicate key 'lr' (first given on line 2)" in err, err
+    ok = tmp_path / "ok.yaml"  # the same key in two different mappings is fine
+    ok.write_text("sft:\n  train:\n    lr: 1e-5\nrm:\n  train:\n    lr: 1e-5\n")
+    from instructrl.config import load_config
+    from instructrl.pipeline import PipelineConfig
+
+    assert load_config(PipelineConfig, ok, []).rm.train.lr == 1e-5
+
+
 @pytest.fixture
 def damaged_model(tiny_model_dir, tmp_path):
     """The tiny model with its weights file cut short (a copy interrupted, a disk that filled up)."""

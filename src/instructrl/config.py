@@ -42,6 +42,22 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                continue  # unhashable keys get SafeLoader's own error below
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides."""
     raw: dict[str, Any] = {}
@@ -53,7 +69,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:  # one line: the file, line and column, and what the parser found
             mark = getattr(e, "problem_mark", None)
             at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
