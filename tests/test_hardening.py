@@ -159,10 +159,26 @@ def test_fresh_start_refuses_a_folder_holding_a_run(tmp_path):
     with pytest.raises(OutputError, match="already holds a run"):
         RunDir.start(tmp_path, cfg)
     (tmp_path / "metrics.jsonl").unlink()
-    (tmp_path / "config.yaml").unlink()
     (tmp_path / "checkpoints" / "epoch-1").mkdir()  # a checkpoint alone is a run too
     with pytest.raises(OutputError):
         prepare_run_folder(tmp_path, dataclasses.asdict(cfg))
+    (tmp_path / "checkpoints" / "epoch-1").rmdir()
+    (tmp_path / "model").mkdir()  # and so is a saved output
+    with pytest.raises(OutputError):
+        prepare_run_folder(tmp_path, dataclasses.asdict(cfg), outputs=("model",))
+
+
+def test_a_start_that_failed_before_its_first_step_can_simply_be_run_again(tiny_model_dir, tmp_path, capsys):
+    # e.g. a mistyped model path: the folder holds config.yaml and log.txt, nothing else
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hi.", "response": "Hi there."}) + "\n")
+    run = tmp_path / "run"
+    argv = ["sft", f"data.train={data}", f"output_dir={run}", "train.epochs=1", "train.batch_size=1",
+            "train.micro_batch_size=1", f"data.val={data}"]
+    assert main([*argv, f"model={tmp_path / 'no-such-model'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err and (run / "config.yaml").exists()
+    assert main([*argv, f"model={tiny_model_dir}"]) == 0  # no --overwrite needed
+    assert (run / "model").is_dir() and "does not exist" in (run / "log.txt").read_text()  # the log keeps both
 
 
 def test_overwrite_clears_only_our_own_files(tmp_path):

@@ -304,17 +304,23 @@ def config_changes(saved: dict, new: dict, safe_keys: set[str] | frozenset[str] 
     return lines
 
 
-def holds_run(path: Path) -> bool:
+def holds_run(path: Path, outputs: tuple[str, ...] = ()) -> bool:
+    """Whether ``path`` holds a run's results: metrics, a checkpoint or one of ``outputs``.
+
+    A folder with only config.yaml and log.txt is a start that stopped before its first step (a model
+    that did not load, a bad data line): starting again there needs no --overwrite.
+    """
     ck = path / "checkpoints"
-    return any((path / n).exists() for n in RUN_FILES[:2]) or (ck.is_dir() and any(ck.iterdir()))
+    return ((path / "metrics.jsonl").exists() or (ck.is_dir() and any(ck.iterdir()))
+            or any((path / n).exists() for n in outputs))
 
 
 def prepare_run_folder(path: str | Path, config: dict, resume: bool = False, overwrite: bool = False,
                        safe_keys: set[str] | frozenset[str] = RESUME_SAFE_KEYS, outputs: tuple[str, ...] = ()) -> Path:
     """Check a run folder before a run writes anything into it.
 
-    Fresh start: a folder that already holds a run (config.yaml, metrics.jsonl or a checkpoint)
-    raises OutputError, so metrics never mix and --resume never picks an older run's checkpoint;
+    Fresh start: a folder that already holds a run (metrics.jsonl, a checkpoint or one of ``outputs``;
+    config.yaml alone is a start that never ran a step) raises OutputError, so metrics never mix and --resume never picks an older run's checkpoint;
     with ``overwrite`` only our own files (RUN_FILES, checkpoints/ and the names in ``outputs``,
     e.g. ``("model",)``) are removed, never anything else in the folder.
     Resume: the saved config.yaml must match ``config`` except ``safe_keys``; otherwise
@@ -337,9 +343,9 @@ def prepare_run_folder(path: str | Path, config: dict, resume: bool = False, ove
                 raise OutputError(saved_path, "--resume with a changed config (start a new output_dir=, "
                                   "or pass --overwrite to start over): " + "; ".join(changes))
         return path
-    if path.is_dir() and holds_run(path):
+    if path.is_dir() and holds_run(path, outputs):
         if not overwrite:
-            raise OutputError(path, "already holds a run (config.yaml/metrics.jsonl/checkpoints); "
+            raise OutputError(path, "already holds a run (metrics.jsonl/checkpoints/outputs); "
                               "use --resume to continue it, --overwrite to start it over, or another output_dir=")
         log = logging.getLogger(f"instructrl.run.{path}")
         for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:

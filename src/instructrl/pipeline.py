@@ -80,13 +80,14 @@ PRESETS: dict[str, list[str]] = {
 class PipelineData:
     seed: int = param(0, "seed for tasks, users, labelers and sampling; stage seeds derive from it", min=0, max=2**32 - 1)
     n_users: int = param(400, "simulated users the prompts come from (Zipf-distributed activity)", min=1)
-    heldout_user_fraction: float = param(0.2, "share of users whose prompts are used only for evaluation", min=0, max=1)
+    heldout_user_fraction: float = param(0.2, "share of users whose prompts are used only for evaluation", min=0, max=1,
+                                          min_exclusive=True, max_exclusive=True)
     n_sft_prompts: int = param(128, "prompts with demonstrations (SFT data)")
     n_rm_prompts: int = param(96, "prompts ranked per round (RM data)")
     n_ppo_prompts: int = param(128, "prompts for PPO (no labels needed)")
     n_eval_prompts: int = param(96, "held-out users' prompts for evaluation")
-    k_min: int = param(4, "fewest responses per ranking (paper: 4)", min=1)
-    k_max: int = param(6, "most responses per ranking (paper: 9; 6 keeps the default run short)", min=1)
+    k_min: int = param(4, "fewest responses per ranking (paper: 4)", min=2)
+    k_max: int = param(6, "most responses per ranking (paper: 9; 6 keeps the default run short)", min=2)
     overlap_fraction: float = param(0.25, "share of rankings also given to a second labeler, for agreement", min=0, max=1)
     draft_tokens: int = param(64, "base-model draft length for demonstrations (and the ptx corpus)", min=1)
     n_drafts: int = param(2, "base-model drafts per SFT prompt; the labeler repairs each and keeps its favourite", min=1)

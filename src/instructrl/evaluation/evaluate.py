@@ -77,7 +77,7 @@ class EvalConfig:
     n_prompts: int = param(200, "prompts evaluated (a seeded subset of `tasks`); 0 = all", min=0)
     max_new_tokens: int = param(128, "response length limit", min=1)
     max_prompt_tokens: int = param(256, "prompts longer than this are cut from the left", min=1)
-    temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T = 1)", min=0)
+    temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T = 1)", min=0, min_exclusive=True)
     greedy: bool = param(False, "greedy decoding instead of sampling (then 'KL' is the log-ratio on the greedy answer)")
     batch_size: int = param(64, "prompts per generation batch (decoding reads every weight once a token, so bigger batches cost little more; docs/evaluation.md)", min=1)
     micro_batch_size: int = param(8, "sequences per forward pass when scoring (KL, RM, pretraining text)", min=1)

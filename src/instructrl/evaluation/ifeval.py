@@ -22,7 +22,7 @@ class IFEvalConfig:
     max_new_tokens: int = param(512, "response length limit (the reference harness allows 1280)", min=1)
     max_prompt_tokens: int = param(1024, "prompts longer than this are cut from the left", min=1)
     greedy: bool = param(True, "greedy decoding (the usual IFEval setting); false = sample at `temperature`")
-    temperature: float = param(1.0, "sampling temperature when greedy=false", min=0)
+    temperature: float = param(1.0, "sampling temperature when greedy=false", min=0, min_exclusive=True)
     batch_size: int = param(8, "prompts per generation batch", min=1)
     limit: int = param(0, "evaluate only the first N rows; 0 = all", min=0)
     seed: int = param(0, "sampling seed", min=0, max=2**32 - 1)

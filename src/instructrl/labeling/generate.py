@@ -24,7 +24,8 @@ from instructrl.data import Messages
 @dataclass
 class GenConfig:
     max_new_tokens: int = param(128, "tokens sampled per completion")
-    temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T=1 for comparison data)")
+    temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T=1 for comparison data)",
+                               min=0, min_exclusive=True)
     top_p: float = param(1.0, "nucleus sampling mass; 1 = plain sampling")
     batch_size: int = param(4, "prompts per generate() call")
     max_redraws: int = param(4, "rounds of resampling when a prompt's completions are empty or identical")

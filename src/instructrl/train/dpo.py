@@ -69,7 +69,8 @@ class DPOTrain:
     beta: float = param(0.1, "β: strength of the pull towards the reference (DPO paper: 0.1); IPO's τ")
     epochs: int = param(1, "passes over the rankings", min=1)
     lr: float = param(1e-6, "peak learning rate (DPO paper: 1e-6)", min=0, min_exclusive=True)
-    warmup_ratio: float = param(0.1, "share of optimizer steps in linear warmup", min=0, max=1)
+    warmup_ratio: float = param(0.1, "share of optimizer steps in linear warmup", min=0, max=1,
+                                 max_exclusive=True)
     min_lr_ratio: float = param(1.0, "cosine decays to lr * min_lr_ratio; 1 = constant after warmup (the paper)", min=0, max=1)
     batch_size: int = param(64, "rankings per optimizer step, over all processes (DPO paper: 64 pairs)", min=1)
     micro_batch_size: int = param(16, "sequences per forward pass in one process; whole rankings are packed", min=1)

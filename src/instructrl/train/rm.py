@@ -199,7 +199,8 @@ def normalize_bias(model, tokenizer, demos: list[Demonstration], max_length: int
 class RMData:
     train: str = param("", "rankings/pairs JSONL (docs/data-formats.md; HH-RLHF transcripts accepted); required")
     val: str = param("", "held-out rankings JSONL; empty = hold out val_fraction of train")
-    val_fraction: float = param(0.05, "share of train rankings held out for evaluation when val is empty", min=0, max=1)
+    val_fraction: float = param(0.05, "share of train rankings held out for evaluation when val is empty", min=0, max=1,
+                                 max_exclusive=True)
     demonstrations: str = param("", "demonstrations JSONL (the SFT data) for the bias normalization; "
                                     "empty = no normalization (bias stays 0, logged)")
     max_demonstrations: int = param(1024, "at most this many demonstrations are scored for the bias (0 = all)")
@@ -218,7 +219,8 @@ class RMData:
 class RMTrain:
     epochs: int = param(1, "passes over the rankings (paper: 1; the RM overfits after one)", min=1)
     lr: float = param(9e-6, "peak learning rate (paper, 6B RM: 9e-6)", min=0, min_exclusive=True)
-    warmup_ratio: float = param(0.0, "share of optimizer steps in linear warmup", min=0, max=1)
+    warmup_ratio: float = param(0.0, "share of optimizer steps in linear warmup", min=0, max=1,
+                                 max_exclusive=True)
     min_lr_ratio: float = param(0.1, "cosine decays to lr * min_lr_ratio (paper: 10% of the initial value)", min=0, max=1)
     batch_size: int = param(64, "rankings per optimizer step, over all processes (paper: 64)", min=1)
     micro_batch_size: int = param(16, "sequences per forward pass in one process; whole rankings are packed", min=1)

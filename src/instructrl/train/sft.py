@@ -54,7 +54,8 @@ from instructrl.train.common import (Position, accumulate, check_trainable, chec
 class SFTData:
     train: str = param("", "demonstrations JSONL (docs/data-formats.md); required")
     val: str = param("", "validation demonstrations JSONL; empty = hold out val_fraction of train")
-    val_fraction: float = param(0.1, "share of train held out for validation when val is empty", min=0, max=1)
+    val_fraction: float = param(0.1, "share of train held out for validation when val is empty", min=0, max=1,
+                                 min_exclusive=True, max_exclusive=True)
     max_length: int = param(512, "max tokens of prompt + response; longer examples are truncated (prompt from the left)", min=1)
     min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens", min=0)
 
@@ -68,7 +69,8 @@ class SFTData:
 class SFTTrain:
     epochs: int = param(16, "passes over the demonstrations (paper: 16)", min=1)
     lr: float = param(1e-5, "peak learning rate", min=0, min_exclusive=True)
-    warmup_ratio: float = param(0.03, "share of optimizer steps spent in linear warmup", min=0, max=1)
+    warmup_ratio: float = param(0.03, "share of optimizer steps spent in linear warmup", min=0, max=1,
+                                 max_exclusive=True)
     min_lr_ratio: float = param(0.0, "cosine decays to lr * min_lr_ratio", min=0, max=1)
     batch_size: int = param(8, "global batch: sequences per optimizer step, over all processes", min=1)
     micro_batch_size: int = param(8, "sequences per forward pass in one process (memory knob)", min=1)
@@ -77,7 +79,8 @@ class SFTTrain:
     # The paper's 0.2 suits a model pretrained with dropout. SmolLM2 was not: switching 0.2 on raised
     # its loss on our demonstrations from 3.50 to 11.17 nats/token (measured), i.e. it erased the
     # pretrained model. So the default is off; set 0.1-0.2 for models pretrained with dropout.
-    residual_dropout: float = param(0.0, "dropout on each attention and MLP output before the residual add (paper: 0.2; see comment)", min=0, max=1)
+    residual_dropout: float = param(0.0, "dropout on each attention and MLP output before the residual add (paper: 0.2; see comment)", min=0,
+                                     max=1, max_exclusive=True)
     precision: Precision = precision_field()
     seed: int = param(0, "seed for shuffling, dropout and initialisation", min=0, max=2**32 - 1)
     train_prompt: bool = param(False, "also train on prompt tokens (the paper trains on responses only)")
