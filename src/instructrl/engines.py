@@ -73,6 +73,8 @@ class SamplingSettings:
 
     temperature: 0 = greedy (argmax); else softmax(logits / T)
     top_k:       0 = the full vocabulary; else only the k most likely tokens
+    top_p:       1 = no nucleus cut; else the smallest set of tokens holding this mass (vLLM only:
+                 the built-in sampler refuses top_p < 1)
     n:           samples per prompt: rows i*n .. i*n+n-1 of the result answer prompt i
     seed:        None = continue the engine's own random stream; an int = a fresh stream for this call
     seeds:       one seed per prompt (overrides ``seed``): prompt i's samples depend on seeds[i] alone,
@@ -83,6 +85,7 @@ class SamplingSettings:
     max_new_tokens: int
     temperature: float = 1.0
     top_k: int = 0
+    top_p: float = 1.0
     n: int = 1
     seed: int | None = None
     seeds: Sequence[int] | None = None
@@ -156,6 +159,7 @@ class HFEngine:
     def generate(self, prompt_ids: Sequence[list[int]], s: SamplingSettings) -> Generation:
         from instructrl.rollout import sample
 
+        check(s.top_p == 1.0, f"top_p={s.top_p}: the built-in sampler has no nucleus sampling (engine.name=vllm has)")
         if s.seeds is not None:  # one stream per row: a row's tokens do not depend on its batch-mates
             check(s.n == 1 and len(s.seeds) == len(prompt_ids), "SamplingSettings.seeds needs n = 1, one per prompt")
             gen = [torch.Generator(self.generator.device).manual_seed(x) for x in s.seeds]
@@ -224,7 +228,7 @@ class VLLMEngine:
             base = self._rng.getrandbits(62) if s.seed is None else s.seed
             seeds = [_request_seed(base, i) for i in range(len(prompt_ids))]
         # ignore_eos + stop_token_ids: stop at our EOS only, not at extra ids in generation_config.json
-        params = [SamplingParams(n=s.n, temperature=s.temperature, top_k=s.top_k, top_p=1.0,
+        params = [SamplingParams(n=s.n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                  max_tokens=s.max_new_tokens, seed=seeds[i],
                                  logprobs=0 if s.logprobs else None, ignore_eos=True, stop_token_ids=[self.eos_id],
                                  detokenize=False)

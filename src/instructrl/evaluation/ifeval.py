@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from instructrl.config import ConfigError, check, param
+from instructrl.engines import EngineSettings
 from instructrl.evaluation.report import json_safe
 from instructrl.evaluation.sampling import generate_responses
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
@@ -23,13 +24,15 @@ class IFEvalConfig:
     max_prompt_tokens: int = param(1024, "prompts longer than this are cut from the left", min=1)
     greedy: bool = param(True, "greedy decoding (the usual IFEval setting); false = sample at `temperature`")
     temperature: float = param(1.0, "sampling temperature when greedy=false", min=0, min_exclusive=True)
-    batch_size: int = param(8, "prompts per generation batch", min=1)
+    batch_size: int = param(8, "prompts per generation batch (built-in sampler; vLLM batches on its own)", min=1)
     limit: int = param(0, "evaluate only the first N rows; 0 = all", min=0)
     seed: int = param(0, "sampling seed", min=0, max=2**32 - 1)
     output_dir: str = param("runs/ifeval", "ifeval.json and responses.jsonl go here")
     device: str = device_field()
     precision: Precision = precision_field()
     threads: int = param(0, "torch CPU threads; 0 = torch's default", min=0)
+    engine: EngineSettings = param(EngineSettings(), "the sampler of the answers: engine.name=hf (built-in), "
+                                                     "vllm (docs/vllm.md) or auto; greedy stays greedy on both")
 
     def validate(self):
         check(bool(self.data), "data: an IFEval JSONL file is required (data=PATH)")
@@ -42,10 +45,13 @@ class IFEvalConfig:
 def run_ifeval(cfg: IFEvalConfig) -> dict:
     """``instructrl eval ifeval``: answer the IFEval prompts with the model (chat template), check every
     instruction with :mod:`instructrl.tasks.ifeval`, print and write prompt- and instruction-level accuracy."""
+    from instructrl.engines import engine_for, resolve_engine
     from instructrl.io import atomic_write_text, write_jsonl
     from instructrl.models import load_causal_lm, load_tokenizer
     from instructrl.tasks.ifeval import evaluate_ifeval, load_ifeval
 
+    cfg.engine, why = resolve_engine(cfg.engine)  # auto -> vllm or hf, once; saved resolved in ifeval.json
+    print(f"[ifeval] {why}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rows = load_ifeval(cfg.data)
@@ -57,15 +63,18 @@ def run_ifeval(cfg: IFEvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model).eval().requires_grad_(False).to(rt.device)
+    if cfg.engine.name == "vllm":  # start it here: generation_seconds times the sampling, not the start
+        engine_for(model, tok, cfg.engine, rt.precision)
     t0 = time.perf_counter()
     responses = generate_responses(
         model, tok, [[{"role": "user", "content": r.prompt}] for r in rows], max_new_tokens=cfg.max_new_tokens,
         max_prompt_tokens=cfg.max_prompt_tokens, temperature=cfg.temperature, greedy=cfg.greedy,
-        batch_size=cfg.batch_size, seed=cfg.seed, rt=rt, desc="ifeval")
+        batch_size=cfg.batch_size, seed=cfg.seed, rt=rt, desc="ifeval", engine=cfg.engine)
     seconds = time.perf_counter() - t0
     rep = evaluate_ifeval(rows, responses)
     out = {"data": cfg.data, "model": cfg.model, "decoding": "greedy" if cfg.greedy else f"T = {cfg.temperature}",
-           "max_new_tokens": cfg.max_new_tokens, "generation_seconds": seconds} | rep.as_dict()
+           "max_new_tokens": cfg.max_new_tokens, "engine": asdict(cfg.engine),
+           "generation_seconds": seconds} | rep.as_dict()
     out_dir = Path(cfg.output_dir)
     atomic_write_text(out_dir / "ifeval.json", json.dumps(json_safe(out), indent=2, ensure_ascii=False))
     # the reference harness's input_response_data format, so its own script can cross-check these answers

@@ -117,13 +117,16 @@ def serve(cfg: LabelConfig) -> None:
 
     import uvicorn
 
+    from instructrl.engines import resolve_engine
+
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")  # the audit log goes to stderr
+    cfg.gen.engine, why = resolve_engine(cfg.gen.engine)  # once for the app: every Generator gets it resolved
     rt = make_runtime(cfg.device, cfg.precision)
     store = Store(cfg.db, key_file=cfg.key_file)
     ensure_admin(store, cfg)
     app = create_app(cfg, store, rt)
     print(f"[instructrl] labeling app on http://{cfg.host}:{cfg.port}/ (store: {cfg.db.split('://')[0]}, "
-          f"generation on {rt.device} {rt.precision})", flush=True)
+          f"generation on {rt.device} {rt.precision}, {why})", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 
 

@@ -8,6 +8,10 @@ comparison and :func:`instructrl.data.load_rankings` rejects it), so duplicates
 and empty samples are redrawn a few times. Two samples are duplicates when they
 are equal after collapsing whitespace runs, stripping and ignoring case
 ("a", "a " and "A" are one reply to a labeler).
+
+``gen.engine.name=vllm`` samples through the process's vLLM engine (:mod:`instructrl.engines`,
+docs/vllm.md) at the same temperature and top_p, stopping at the tokenizer's EOS; ``hf`` (the
+default) is Hugging Face ``model.generate``, which also applies the model's generation_config.json.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from typing import Callable
 
 from instructrl.config import check, param
 from instructrl.data import Messages
+from instructrl.engines import EngineSettings
+
+# The process has one vLLM engine (engines.engine_for), shared by every Generator: one call at a time
+_VLLM_LOCK = threading.Lock()
 
 
 @dataclass
@@ -30,7 +38,9 @@ class GenConfig:
     batch_size: int = param(4, "prompts per generate() call")
     max_redraws: int = param(4, "rounds of resampling when a prompt's completions are empty or identical")
     dtype: str = param("", "deprecated: the precision key of the command replaces it; fp32 | bf16 sets precision")
-    seed: int = param(0, "torch seed set before generating")
+    seed: int = param(0, "torch seed set before generating (vllm: the seed of the Generator's request seeds)")
+    engine: EngineSettings = param(EngineSettings(), "the sampler of the completions: engine.name=hf (Hugging Face "
+                                                     "generate), vllm (docs/vllm.md) or auto")
 
     def validate(self) -> None:
         check(self.max_new_tokens >= 1, "gen.max_new_tokens must be >= 1")
@@ -46,11 +56,16 @@ def same_reply_key(text: str) -> str:
 
 
 class Generator:
-    """A loaded model + tokenizer that samples distinct replies. Thread-safe (one generate at a time)."""
+    """A loaded model + tokenizer that samples distinct replies. Thread-safe (one generate at a time;
+    with vLLM one at a time across all Generators, since they share the process's engine)."""
 
     def __init__(self, model: str | None, cfg: GenConfig, rt=None):
+        import random
+        import sys
+
         import torch
 
+        from instructrl.engines import engine_for, resolve_engine
         from instructrl.models import load_causal_lm, load_tokenizer
         from instructrl.runtime import make_runtime
 
@@ -61,6 +76,13 @@ class Generator:
         self.model = load_causal_lm(model).to(self.rt.device).eval()  # fp32 master weights; bf16 via autocast
         self.lock = threading.Lock()
         torch.manual_seed(cfg.seed)
+        self.engine, why = resolve_engine(cfg.engine)  # `label serve` passes it resolved; auto said once here
+        if cfg.engine.name == "auto":
+            print(f"[instructrl] label: {why}", file=sys.stderr)
+        if self.engine.name == "vllm":
+            self._rng = random.Random(cfg.seed)  # this Generator's request seeds: its replies follow its seed
+            with _VLLM_LOCK:  # start the engine now: a model vLLM cannot load fails before any job runs
+                engine_for(self.model, self.tok, self.engine, self.rt.precision)
 
     def _sample(self, prompts: list[Messages], n: int) -> list[list[str]]:
         import torch
@@ -68,6 +90,8 @@ class Generator:
         from instructrl.formatting import encode_prompt, pad
 
         ids = [encode_prompt(self.tok, m) for m in prompts]
+        if self.engine.name == "vllm":
+            return self._sample_vllm(ids, n)
         input_ids, attn = pad(ids, self.tok.pad_token_id, side="left")
         input_ids, attn = input_ids.to(self.rt.device), attn.to(self.rt.device)
         with self.lock, torch.no_grad(), self.rt.autocast():
@@ -78,6 +102,21 @@ class Generator:
             )
         texts = self.tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
         return [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+    def _sample_vllm(self, ids: list[list[int]], n: int) -> list[list[str]]:
+        """n replies per prompt from the vLLM engine, each call a fresh seed from this Generator's stream
+        (so a redraw samples anew). engine_for re-syncs this model's weights: another Generator may have
+        pushed its own model since."""
+        from instructrl.engines import SamplingSettings, engine_for
+        from instructrl.generation import decode_responses
+
+        with _VLLM_LOCK:
+            eng = engine_for(self.model, self.tok, self.engine, self.rt.precision)
+            s = SamplingSettings(self.cfg.max_new_tokens, self.cfg.temperature, top_p=self.cfg.top_p, n=n,
+                                 seed=self._rng.getrandbits(62))
+            g = eng.generate(ids, s)
+        texts = decode_responses(self.tok, g.response, g.response_mask)  # stripped, EOS and padding dropped
+        return [texts[i * n:(i + 1) * n] for i in range(len(ids))]
 
     def distinct(self, prompts: list[Messages], k: int) -> list[list[str] | None]:
         """K distinct non-empty completions per prompt; None for a prompt that still lacks them after redraws."""
