@@ -354,11 +354,11 @@ def test_vllm_ifeval_greedy_matches_hf_and_sampling_follows_its_seed(tiny, vllm_
     """eval ifeval with engine.name=vllm: greedy answers equal engine.name=hf's; sampled ones repeat for a seed."""
     from instructrl.evaluation.ifeval import IFEvalConfig, run_ifeval
 
-    d = tiny[0]
+    d = tiny[0]  # fp32 as the other tests: the same engine key, so the process keeps the fixture's engine
 
     def run(out, *extra):
         res = run_ifeval(load_config(IFEvalConfig, None, [f"data={IFEVAL_SAMPLE}", f"model={d}", "max_new_tokens=8",
-                                                          f"output_dir={out}", *extra]))
+                                                          "precision=fp32", f"output_dir={out}", *extra]))
         return [json.loads(x)["response"] for x in (out / "responses.jsonl").read_text().splitlines()], res
 
     got, res = run(tmp_path / "v", "engine.name=vllm")
