@@ -277,12 +277,18 @@ def test_rm_gold_agreement_hand_worked():
     assert rm_gold_agreement({"a": [1.0]}, {"a": [0.5]}, {"a": ["x"]})["n"] == 0
 
 
-def test_run_eval_is_seeded_and_order_free(eval_inputs, tmp_path):
-    """Same config, policies listed in another order: the same answers and judgments."""
+def test_run_eval_is_seeded_and_order_free(eval_inputs, tmp_path, monkeypatch, capsys):
+    """Same config, policies listed in another order: the same answers and judgments. The second run
+    asks for engine.name=auto where vllm is absent: that is the built-in sampler, said and saved."""
+    import instructrl.engines as engines
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
     a = run_eval(_cfg(eval_inputs, tmp_path / "a", ["best_of_n=0", "pretrain_eval=", "n_prompts=4"]))
-    cfg = _cfg(eval_inputs, tmp_path / "b", ["best_of_n=0", "pretrain_eval=", "n_prompts=4"])
+    cfg = _cfg(eval_inputs, tmp_path / "b", ["best_of_n=0", "pretrain_eval=", "n_prompts=4", "engine.name=auto"])
     cfg.policies = {"ppo": cfg.policies["ppo"], "sft": cfg.policies["sft"]}
+    capsys.readouterr()
     b = run_eval(cfg)
+    assert cfg.engine.name == "hf" and "[eval] engine: hf (engine.name=auto and vllm is not installed" in capsys.readouterr().out
     for n in ("sft", "ppo"):
         for k in ("win_rate_labelers", "win_rate_rm", "gold_satisfaction", "kl", "rm_score"):
             assert a["policies"][n][k] == b["policies"][n][k]

@@ -185,3 +185,20 @@ def test_processes_that_do_not_split_a_batch_are_refused_before_any_stage(tiny_m
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + f".*processes={n}"):
         run_pipeline(tiny(tiny_model_dir, tmp_path / "run", f"processes={n}", override))
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_engine_auto_is_resolved_once_for_every_stage_and_saved(tiny_model_dir, tmp_path, monkeypatch):
+    """engine.name=auto (and eval.engine.name=auto) where vllm is absent: hf, said once, saved resolved."""
+    import yaml
+
+    import instructrl.engines as engines
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    out = tmp_path / "run"
+    run_pipeline(tiny(tiny_model_dir, out, "engine.name=auto", "eval.engine.name=auto", "only=prompts"))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["engine"]["name"] == saved["eval"]["engine"]["name"] == saved["ppo"]["engine"]["name"] == "hf"
+    said = [x for x in (out / "log.txt").read_text().splitlines() if "engine.name=auto" in x]
+    assert len(said) == 1 and said[0].endswith("sampling (drafts, K samples, PPO rollouts) engine: hf (engine.name=auto "
+                                               "and vllm is not installed here: docs/vllm.md); evaluation engine: hf "
+                                               "(engine.name=auto and vllm is not installed here: docs/vllm.md)"), said

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from instructrl.config import ConfigError, check, get_key, load_config, param, replace_keys
-from instructrl.engines import EngineSettings
+from instructrl.engines import EngineSettings, resolve_engine
 from instructrl.evaluation.evaluate import EvalConfig
 from instructrl.io import RunDir, atomic_write_text, read_jsonl, write_jsonl
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
@@ -399,9 +399,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         raise SystemExit(f"instructrl: {out} already holds a pipeline run; add --resume to continue it, "
                          f"only=STAGE to re-run one stage, or choose another output_dir=")
     cfg.precision = make_runtime(cfg.device, cfg.precision).precision  # once, for every stage; saved resolved
-    cfg.fill()  # the stage configs carry the resolved precision too
+    cfg.engine, engine_why = resolve_engine(cfg.engine)  # auto -> what it means in this venv, saved resolved
+    cfg.eval.engine, eval_engine_why = resolve_engine(cfg.eval.engine)
+    cfg.fill()  # the stage configs carry the resolved precision and engine too
     run = RunDir(out)
     run.save_config(cfg)
+    run.info(f"sampling (drafts, K samples, PPO rollouts) {engine_why}; evaluation {eval_engine_why}")
     (out / "data").mkdir(parents=True, exist_ok=True)
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     p = PipelineRun(cfg, out, out / "data", run, State(out / "state.json"), timings,
@@ -531,8 +534,10 @@ def run_round(p: PipelineRun, r: int, tasks_r: list, policies: dict[str, Path]) 
             p.state.mark(f"rank-{r}", n=len(rankings), skipped=len(tasks_r) - len(rankings),
                          agreement={"rate": agreement.rate, "lo": agreement.lo, "hi": agreement.hi,
                                     "n_pairs": agreement.n_pairs})
-    all_rankings = p.data_dir / "rankings_all.jsonl"
-    write_jsonl(all_rankings, [row for q in range(1, r + 1) for _, row in read_jsonl(out / f"round-{q}" / "rankings.jsonl")])
+    all_rankings = p.data_dir / "rankings_all.jsonl"  # every round's so far: the RM's and DPO's data
+    if p.want(f"rm-{r}", "rm", r) or any(p.want(f"{v}-{r}", "ppo", r) for v in cfg.variants):
+        write_jsonl(all_rankings, [row for q in range(1, r + 1)
+                                   for _, row in read_jsonl(out / f"round-{q}" / "rankings.jsonl")])
 
     if p.want(f"rm-{r}", "rm", r):
         with p.timed(f"rm-{r}"):

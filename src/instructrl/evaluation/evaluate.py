@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from instructrl.config import ConfigError, check, param
-from instructrl.engines import EngineSettings
+from instructrl.engines import EngineSettings, resolve_engine
 from instructrl.evaluation.metrics import (best_of_n_kl, best_of_n_pick, gold_gain, labeler_outcome, loglik_bootstrap,
                                            mean_ci, outcomes_win_rate, reward_vs_sqrt_kl, rm_gold_agreement,
                                            score_outcomes, seed_for)
@@ -404,6 +404,8 @@ def run_eval(cfg: EvalConfig, extra_sections: Sequence[ReportSection | dict | tu
     torch.manual_seed(cfg.seed)
     rt = make_runtime(cfg.device, cfg.precision)
     cfg.precision = rt.precision  # saved resolved, so report.json says what ran
+    cfg.engine, engine_why = resolve_engine(cfg.engine)  # auto -> vllm or hf here, saved resolved too
+    print(f"[eval] {engine_why}")
     out_dir = Path(cfg.output_dir)
 
     # ---- 1. prompts: a seeded subset of the held-out tasks ----
