@@ -256,5 +256,6 @@ def test_an_fsdp_accelerate_config_is_refused_not_quietly_run_data_parallel(tiny
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "instructrl: error: ACCELERATE_USE_FSDP=true" in r.stderr
+    assert "torchrun and train.sharding=fsdp2" in r.stderr  # where sharding is to be had
     assert "/instructrl/" not in r.stderr.split("instructrl: error:")[0]  # the launcher's own traceback follows
     assert not (tmp_path / "run" / "model").exists()

@@ -3,6 +3,7 @@
 Each loop reads top to bottom and calls these phases:
 
     accelerator = setup_accelerator(rt)                  # 1..N processes on rt.device
+    model, opt = prepare_model(accelerator, model, make_opt, sharding, info)  # DDP, or FSDP2 with sharding=fsdp2
     mine = split_global_batch(global_batch, accelerator) # this process's share
     stats = accumulate(accelerator, model, micro_batches, loss_fn)   # no_sync on all but the last
     res = optimizer_step(accelerator, params, opt, sched, max_grad_norm, step_loss)  # skips non-finite steps
@@ -11,7 +12,14 @@ Each loop reads top to bottom and calls these phases:
 
 The loss of every micro-batch is normalised by a count over the whole optimizer step and all
 processes (tokens, rankings), so any split into micro-batches and processes gives the full-batch
-gradient; ``accumulate`` multiplies by the process count because DDP averages gradients.
+gradient; ``accumulate`` multiplies by the process count because DDP averages gradients (and so does
+FSDP2's reduce-scatter).
+
+With ``train.sharding=fsdp2`` under torchrun (world > 1) the model is ``fully_shard``-ed instead of
+DDP-wrapped: parameters, gradients and AdamW state are split over the processes. Every forward and
+backward is then a collective, so each process must run the same number of micro-batches (``same_count``).
+Checkpoints stay full: rank 0 gathers the weights (a plain HF folder) and the optimizer state
+(``get_optimizer_state_dict(full_state_dict=True)``, keyed by parameter name) and writes them alone.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Literal, Sequence, TypeVar
 
 import torch
 
@@ -31,6 +39,10 @@ from instructrl.io import RunDir, atomic_dir, write_jsonl
 from instructrl.runtime import Runtime, rng_state, set_rng_state
 
 T = TypeVar("T")
+Sharding = Literal["none", "fsdp2"]
+SHARDING_HELP = ("none: every process holds the full weights, gradients and AdamW state (data parallel); "
+                 "fsdp2: under torchrun with > 1 process, torch's fully_shard splits them over the processes "
+                 "(each decoder block, then the root); one process runs unsharded; not with train.lora")
 
 
 def setup_accelerator(rt: Runtime, batch_size: int | None = None):
@@ -54,14 +66,63 @@ def setup_accelerator(rt: Runtime, batch_size: int | None = None):
 
 
 def refuse_sharding(env) -> None:
-    """Stop a launch with an FSDP or DeepSpeed accelerate config: every loop here keeps full weights and
-    optimizer state on each process (checkpoints, merged saves, PPO's shared blocks), and accelerate on a
-    CPU would quietly fall back to plain data parallelism. Data parallelism and LoRA are what run."""
+    """Stop a launch with an FSDP or DeepSpeed accelerate config. On a CPU accelerate would quietly fall
+    back to plain data parallelism, and its FSDP/DeepSpeed wrapping would bypass the loops' own checkpoint
+    gathering; sharding here is ``train.sharding=fsdp2`` under torchrun (torch's ``fully_shard``)."""
     for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if str(env.get(var, "")).lower() in ("1", "true", "yes"):
             raise ConfigError(f"{var}=true: this accelerate config asks for {name} sharding, which instructrl "
-                              f"does not do yet; launch with torchrun or a plain multi-GPU accelerate config "
-                              f"(data parallel), and train.lora.rank > 0 to fit a large model (docs/lora.md)")
+                              f"does not take from accelerate; for sharded SFT launch with torchrun and "
+                              f"train.sharding=fsdp2 (docs/pipeline.md, \"Sharded training\"), or use a plain "
+                              f"multi-process config (data parallel) and train.lora.rank > 0 to fit a large "
+                              f"model (docs/lora.md)")
+
+
+def is_sharded(model) -> bool:
+    """True for a model ``prepare_model`` sharded with FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def prepare_model(accelerator, model: torch.nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer],
+                  sharding: Sharding, info: Callable[[str], None]):
+    """(model, optimizer) ready to train: accelerate's DDP wrapping, or with ``sharding="fsdp2"`` and more
+    than one process, torch's FSDP2 pattern (``fully_shard`` on each decoder block, then the root). The
+    optimizer is built on the trainable parameters after sharding (FSDP2 swaps them for DTensor shards).
+    """
+    if sharding == "fsdp2" and accelerator.num_processes > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from instructrl.models import decoder
+
+        blocks = list(getattr(decoder(model), "layers", None) or [])
+        if not blocks:
+            raise ConfigError(f"train.sharding=fsdp2: cannot find the decoder blocks of {type(model).__name__}")
+        model.to(accelerator.device)
+        mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        info(f"sharding: fsdp2 over {accelerator.num_processes} processes ({len(blocks)} decoder blocks + root); "
+             f"weights, gradients and optimizer state split, checkpoints gathered to rank 0")
+        return model, make_optimizer([p for p in model.parameters() if p.requires_grad])
+    if sharding == "fsdp2":
+        info("sharding: train.sharding=fsdp2 with 1 process has nothing to shard over; running unsharded")
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    return accelerator.prepare(model, opt)
+
+
+def same_count(accelerator, model, n: int) -> int:
+    """The number of forward passes every process runs: ``n`` unless sharded, else the largest ``n`` of
+    any process (an FSDP2 forward all-gathers parameters, so a process that stopped early would hang
+    the others)."""
+    if not is_sharded(model):
+        return n
+    t = torch.tensor(n, device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
 
 
 def split_global_batch(global_batch: Sequence[T], accelerator) -> list[T]:
@@ -92,15 +153,22 @@ def accumulate(accelerator, model, micro_batches: list, loss_fn: Callable) -> li
     """Forward + backward over ``micro_batches``; gradients sync across processes on the last one only.
 
     ``loss_fn(batch) -> (loss, stats)``; the loss must already be normalised by the whole step's count.
-    Returns the stats of every micro-batch, in order.
+    Returns the stats of every micro-batch, in order. Sharded (FSDP2): the gradients of all but the last
+    micro-batch accumulate unsharded and unreduced (``set_requires_gradient_sync(False)``), one
+    reduce-scatter per step; every process must pass the same number of micro-batches.
     """
     out = []
     world = accelerator.num_processes
+    sharded = is_sharded(model)
     for j, b in enumerate(micro_batches):
-        sync = accelerator.no_sync(model) if j < len(micro_batches) - 1 else contextlib.nullcontext()
+        last = j == len(micro_batches) - 1
+        if sharded:
+            model.set_requires_gradient_sync(last)
+        sync = accelerator.no_sync(model) if not (last or sharded) else contextlib.nullcontext()
         with sync:
             loss, st = loss_fn(b)
-            accelerator.backward(loss * world)  # DDP averages gradients over processes; scale back up to a sum
+            # DDP and FSDP2's reduce-scatter average gradients over processes; scale back up to a sum
+            accelerator.backward(loss * world)
         out.append(st)
     return out
 
@@ -118,7 +186,11 @@ def optimizer_step(accelerator, params: list, opt, sched, max_grad_norm: float, 
     schedule advances either way (it counts optimizer steps planned, not taken).
     """
     # max_norm=inf measures the norm without changing any gradient (clip coefficient clamped to 1).
+    # With FSDP2's DTensor gradients accelerate's clip sums the shards' squared norms over processes, so
+    # the norm (and with the global loss the skip decision) is the same on every process.
     norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
     skipped = not (math.isfinite(loss) and bool(torch.isfinite(torch.as_tensor(norm))))
     if not skipped:
         opt.step()
@@ -154,12 +226,35 @@ def save_checkpoint(accelerator, model: torch.nn.Module, tokenizer, path: str | 
     """Write ``model`` (unwrapped) + tokenizer to ``path`` atomically, main process only; all processes wait.
 
     A model with LoRA adapters writes only them (+ an RM's head) to ``path/adapter`` (``lora.save_adapter``).
+    A sharded model is gathered first (every process takes part) and rank 0 writes the full weights.
     ``extra(tmp)`` may add files (optimizer state, ...) to the folder before it is swapped into place.
     """
     from instructrl.lora import is_lora, save_adapter
 
     path = Path(path)
     model = accelerator.unwrap_model(model)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        bad = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in full.values())))
+        if accelerator.reduce(bad.to(accelerator.device), "sum").item():  # rank 0 holds it all; all decide
+            raise ConfigError(f"{path}: the model has non-finite weights after training with train.lr={lr}; "
+                              f"nothing saved. Lower train.lr")
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            # A tied weight (SmolLM2's lm_head = embed_tokens) comes back as two copies; one tensor under
+            # both names lets save_pretrained drop the alias, as it does for an unsharded model.
+            if first.setdefault(id(p), name) != name and name in full:
+                full[name] = full[first[id(p)]]
+        if accelerator.is_main_process:
+            with atomic_dir(path) as tmp:
+                model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                if extra is not None:
+                    extra(tmp)
+        accelerator.wait_for_everyone()
+        return path
     check_finite_weights(model, str(path), lr)
     if accelerator.is_main_process:
         with atomic_dir(path) as tmp:
@@ -199,14 +294,26 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.rsplit("-", 1)[-1])) if found else None
 
 
-def checkpoint_state(accelerator, pos: Position, opt, sched, order_rng: random.Random, **extra) -> dict:
+def checkpoint_state(accelerator, pos: Position, opt, sched, order_rng: random.Random, model=None,
+                     **extra) -> dict:
     """Everything besides the weights that a resumed run needs to continue bit for bit; every process
-    must call it (each one's RNG streams are gathered: dropout draws differ between processes)."""
+    must call it (each one's RNG streams are gathered: dropout draws differ between processes).
+
+    Pass the sharded ``model`` with FSDP2: the optimizer state is then gathered in full to rank 0 (keyed by
+    parameter name; the other processes' copy is empty and never written)."""
     from accelerate.utils import gather_object
 
-    return {"position": vars(pos).copy(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+    sharded = model is not None and is_sharded(model)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+    else:
+        opt_state = opt.state_dict()
+    return {"position": vars(pos).copy(), "opt": opt_state, "sched": sched.state_dict(),
             "order_rng": order_rng.getstate(), "rng": gather_object([rng_state()]),
-            "world_size": accelerator.num_processes, **extra}
+            "world_size": accelerator.num_processes, "sharded": sharded, **extra}
 
 
 def load_state(path: Path, hint: str = "") -> dict:
@@ -223,17 +330,29 @@ def load_state(path: Path, hint: str = "") -> dict:
         raise ConfigError(f"resume: {path} is damaged or cut short ({first}); {hint}") from None
 
 
-def restore(accelerator, ckpt: Path, opt, sched, order_rng: random.Random, run: RunDir) -> tuple[Position, dict]:
+def restore(accelerator, ckpt: Path, opt, sched, order_rng: random.Random, run: RunDir,
+            model=None) -> tuple[Position, dict]:
     """Load ``ckpt/state.pt`` into the optimizer, schedule and RNGs; drop metrics rows of later steps.
 
     Call it after the model is built (building draws from the RNG). Returns the position and the state
-    (for loop-specific extras).
+    (for loop-specific extras). Pass the sharded ``model`` with FSDP2 (each process takes its shard of the
+    full optimizer state).
     """
     st = load_state(ckpt / STATE)
     if st["world_size"] != accelerator.num_processes:
         raise ConfigError(f"resume: {ckpt} was written by {st['world_size']} processes, this run has "
                           f"{accelerator.num_processes}; resume with the same number for an exact continuation")
-    opt.load_state_dict(st["opt"])
+    sharded = model is not None and is_sharded(model)
+    if st.get("sharded", False) != sharded:
+        raise ConfigError(f"resume: {ckpt} was written {'with' if st.get('sharded') else 'without'} "
+                          f"train.sharding=fsdp2, this run is {'' if sharded else 'not '}sharded; resume with "
+                          f"the train.sharding it was written with")
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, st["opt"], options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(st["opt"])
     sched.load_state_dict(st["sched"])
     order_rng.setstate(st["order_rng"])
     set_rng_state(st["rng"][accelerator.process_index])

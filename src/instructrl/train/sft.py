@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -45,9 +47,13 @@ from instructrl.io import DataError, RunDir, atomic_dir, atomic_write_text
 from instructrl.core.losses import sft_loss
 from instructrl.lora import LoraSettings
 from instructrl.runtime import Runtime
-from instructrl.train.common import (Position, accumulate, check_trainable, checkpoint_state, cosine_schedule,
-                                     drop_older_states, optimizer_step, restore, resume_checkpoint, save_checkpoint,
+from instructrl.train.common import (SHARDING_HELP, Position, Sharding, accumulate, check_trainable,
+                                     checkpoint_state, cosine_schedule, drop_older_states, is_sharded, optimizer_step,
+                                     prepare_model, restore, resume_checkpoint, same_count, save_checkpoint,
                                      setup_accelerator, split_global_batch, split_validation)
+
+# Tests: SIGKILL this process right after optimizer step N (a 2-process run cut short, for --resume).
+KILL_ENV = "INSTRUCTRL_SFT_KILL_AFTER_STEP"
 
 
 @dataclass
@@ -87,9 +93,14 @@ class SFTTrain:
     trainable_layers: int = param(-1, "train only the top N transformer blocks (+ final norm); -1 = all (the paper); "
                                       "with train.lora: adapters in the top N blocks only", min=-1)
     lora: LoraSettings = param(LoraSettings(), "LoRA adapters instead of full fine-tuning (docs/lora.md)")
+    sharding: Sharding = param("none", SHARDING_HELP + " (docs/pipeline.md, \"Sharded training\")")
 
     def validate(self):
         check(self.epochs >= 1, "train.epochs must be >= 1")
+        # LoRA's adapters are small and its saves (adapter, merged copy) read plain tensors: nothing to gain.
+        check(not (self.sharding == "fsdp2" and self.lora.enabled),
+              "train.sharding=fsdp2 with train.lora.rank > 0: sharding is for full fine-tuning (LoRA trains "
+              "a small adapter and its saves need the unsharded base); use one of them")
         check(self.trainable_layers >= -1, "train.trainable_layers must be -1 (all) or >= 0")
         check(not (self.lora.enabled and self.trainable_layers == 0),
               "train.trainable_layers=0 with train.lora.rank > 0 leaves no block for the adapters; use -1 or N >= 1")
@@ -234,25 +245,34 @@ def validation_loss(model, examples: list[Example], pad_id: int, micro: int, acc
     dev = accelerator.device
     nll, tokens = torch.zeros((), device=dev), torch.zeros((), device=dev)
     mine = split_global_batch(examples, accelerator)
-    for i in range(0, len(mine), micro):
-        b = collate_examples(mine[i:i + micro], pad_id)
+    n = math.ceil(len(mine) / micro)
+    for j in range(same_count(accelerator, model, n)):  # sharded: padding passes join the all-gathers
+        b = collate_examples(mine[j * micro:(j + 1) * micro] if j < n else examples[:1], pad_id)
         with autocast():
             logits = model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev)).logits
+        if j >= n:
+            continue
         _, st = sft_loss(logits, b.input_ids.to(dev), b.loss_mask.to(dev))
         nll += st["nll_sum"].float()
         tokens += st["tokens"].float()
     nll, tokens = accelerator.reduce(nll, "sum"), accelerator.reduce(tokens, "sum")
+    if is_sharded(model):  # FSDP2 keeps the root's parameters gathered after a forward with no backward
+        model.reshard()
     model.train()
     return (nll / tokens.clamp(min=1)).item()
 
 
-def micro_batches(accelerator, global_batch: list[Example], micro: int, pad_id: int, train_prompt: bool) -> list:
-    """This process's share of ``global_batch`` as collated micro-batches (never empty)."""
+def micro_batches(accelerator, global_batch: list[Example], micro: int, pad_id: int, train_prompt: bool,
+                  count: Callable[[int], int] = lambda n: n) -> list:
+    """This process's share of ``global_batch`` as collated micro-batches (never empty), padded with
+    weight-0 batches to ``count(n)`` (sharded: the same number on every process)."""
     mine = split_global_batch(global_batch, accelerator)
     batches = [collate_examples(mine[i:i + micro], pad_id, train_prompt) for i in range(0, len(mine), micro)]
-    if not batches:  # a short last batch left this process nothing: join the gradient sync with weight 0
-        batches = [collate_examples(global_batch[:1], pad_id, train_prompt)]
-        batches[0].loss_mask.zero_()
+    # A short last batch may leave this process nothing, or fewer passes than the others: join the
+    # gradient sync (and FSDP2's collectives) with weight 0.
+    for _ in range(len(batches), max(1, count(len(batches)))):
+        batches.append(collate_examples(global_batch[:1], pad_id, train_prompt))
+        batches[-1].loss_mask.zero_()
     return batches
 
 
@@ -298,16 +318,17 @@ def train_sft(cfg: SFTConfig) -> Path:
     run.info(f"model: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
              f"parameters trained" + (f" (LoRA rank {tc.lora.rank} on {','.join(tc.lora.target_modules)})"
                                       if tc.lora.enabled else ""))
-    opt = make_adamw(trainable, tc.lr, tc.weight_decay)
+    model, opt = prepare_model(accelerator, model, lambda ps: make_adamw(ps, tc.lr, tc.weight_decay),
+                               tc.sharding, run.info)
     steps_per_epoch = math.ceil(len(train_ex) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     sched = cosine_schedule(opt, max(1, round(tc.warmup_ratio * total_steps)), total_steps, tc.min_lr_ratio)
-    model, opt = accelerator.prepare(model, opt)
     params = [p for p in model.parameters() if p.requires_grad]
     order_rng = random.Random(tc.seed)  # the same order on every process
     pos, history = Position(), []
+    kill_after = int(os.environ.get(KILL_ENV, "-1"))
     if ckpt is not None:
-        pos, st = restore(accelerator, ckpt, opt, sched, order_rng, run)
+        pos, st = restore(accelerator, ckpt, opt, sched, order_rng, run, model=model)
         history = st["history"]
     step, skipped = pos.step, pos.skipped
 
@@ -320,7 +341,8 @@ def train_sft(cfg: SFTConfig) -> Path:
         for start in range(0, len(order), tc.batch_size):
             t0 = time.perf_counter()
             global_batch = [train_ex[i] for i in order[start:start + tc.batch_size]]
-            batches = micro_batches(accelerator, global_batch, tc.micro_batch_size, tok.pad_token_id, tc.train_prompt)
+            batches = micro_batches(accelerator, global_batch, tc.micro_batch_size, tok.pad_token_id, tc.train_prompt,
+                                    count=lambda n: same_count(accelerator, model, n))
             # Normaliser = trained tokens in the whole step, all processes: exact full-batch gradient.
             local_tokens = sum(b.loss_mask.sum() for b in batches)
             step_tokens = accelerator.reduce(local_tokens.to(dev), "sum").item()
@@ -343,6 +365,8 @@ def train_sft(cfg: SFTConfig) -> Path:
             run.log_metrics(row)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{n_tok / dt:.0f}", skipped=skipped)
             bar.update(1)
+            if step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
         check_trainable(skipped - skipped_before, steps_per_epoch, f"sft epoch {epoch}", tc.lr, cfg.data.train)
 
         # 5. validation + checkpoint --------------------------------------
@@ -352,7 +376,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         path = run.checkpoints / f"epoch-{epoch}"
         history.append({"epoch": epoch, "step": step, "val_loss": vloss, "checkpoint": str(path)})
         state = checkpoint_state(accelerator, Position(step, epoch + 1, 0, None, skipped), opt, sched, order_rng,
-                                 history=history)
+                                 model=model, history=history)
         save_checkpoint(accelerator, model, tok, path, tc.lr, extra=lambda tmp: torch.save(state, tmp / "state.pt"))
         drop_older_states(accelerator, run.checkpoints, path)
         run.log_metrics({"step": step, "epoch": epoch, "val_loss": vloss})
