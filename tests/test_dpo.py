@@ -183,7 +183,9 @@ def test_two_process_data_parallel_equals_single_process(tiny_model_dir, tmp_pat
     moved = max((a[k] - load_file(tiny_model_dir / "model.safetensors")[k]).abs().max().item() for k in a)
     assert moved > 1e-3
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+        # PPO's tolerance: the two split the gradient sum differently, and Adam at lr 5e-3 turns that
+        # rounding into up to ~1e-5 (7.8e-6 in 1 of 2048 values on an AMX Xeon; 0 elsewhere)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     ra, rb = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert len(ra) == len(rb) == 4
     for x, y in zip(ra, rb):
