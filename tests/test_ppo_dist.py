@@ -82,9 +82,13 @@ def test_two_processes_take_the_steps_of_one(setup, tmp_path, tiny_model_dir):
     for sub in ("policy", "value"):
         a, b = weights(tmp_path / "one" / sub), weights(tmp_path / "two" / sub)
         assert a.keys() == b.keys()
+        moved = max((a[k] - start[k]).abs().max().item() for k in start if k in a)
+        assert moved > 1e-3  # it really trained
+        # the two sum the gradients in another order; Adam turns that rounding into up to ~2e-5 on a few
+        # weights (2.3e-5 in 1 of 12288 on an AMX Xeon). A wrong split or scaling moves weights by about
+        # as much as training does, far beyond 1% of it.
         for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
-    assert max((a[k] - start[k]).abs().max().item() for k in start if k in a) > 1e-3  # it really trained
+            torch.testing.assert_close(a[k], b[k], atol=0.01 * moved, rtol=1e-4)
     log = (tmp_path / "two" / "log.txt").read_text()
     assert "2 process(es), 4 episodes each per step" in log
 
