@@ -1,6 +1,7 @@
 """The ceiling of the pipeline's PPO stage: PPO rewarded by the GOLD scorer itself instead of the RM.
 
     flock /tmp/instructrl-heavy.lock python benchmarks/bench_ppo_ceiling.py --run RUN [--scale 5] [PPO overrides...]
+    ... bench_ppo_ceiling.py --run RUN --reward rm --variant ppo_ptx [PPO overrides...]   # the same harness, RM reward
 
 RUN (default runs/pipeline) is a finished `instructrl pipeline` run folder. This trains one PPO policy
 exactly as the run's stage 6 did (``pipeline.ppo_stage_config``: same SFT start and reference, prompts,
@@ -13,6 +14,9 @@ prompts, judged by the held-out labelers (`instructrl eval`, no best-of-N).
 If this policy does not beat SFT, no reward model can make the same PPO budget beat it: the limit is
 PPO's budget (steps, episodes, the value model), not the RM. Results: docs/pipeline.md.
 Writes RUN/ppo-ceiling-<overrides>/ (the PPO run) and RUN/ppo-ceiling-<overrides>-eval/ (the report).
+``--reward rm`` trains against the run's RM instead (what stage 6 does), ``--variant ppo_ptx`` with the
+pretraining term: the same harness for trying stage-6 settings without re-running the pipeline
+(folders RUN/ppo-rm-<variant>-<overrides>[-eval]).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=5.0,
                     help="reward = scale x gold score (gold is in [0, 1]; 5 puts one constraint of five at 0.8, "
                          "about the spread of the RM's scores)")
+    ap.add_argument("--reward", choices=("gold", "rm"), default="gold",
+                    help="gold: scale x gold score (the ceiling); rm: the run's round-1 RM, as stage 6")
+    ap.add_argument("--variant", choices=("ppo", "ppo_ptx"), default="ppo", help="stage 6's variant to train")
     ap.add_argument("overrides", nargs="*", help="`instructrl ppo` overrides applied last, e.g. steps=32")
     args = ap.parse_args()
 
@@ -50,10 +57,13 @@ def main() -> None:
     cfg = load_pipeline_config(str(run / "config.yaml"), [])
     sft = run / "sft" / "model"
     tok = load_tokenizer(sft)
-    name = "ppo-ceiling" + "".join("-" + o.replace("=", "").replace(".", "_") for o in args.overrides)
+    prefix = "ppo-ceiling" if args.reward == "gold" else f"ppo-rm-{args.variant}"
+    if args.reward == "gold" and args.variant != "ppo":
+        prefix += f"-{args.variant}"
+    name = prefix + "".join("-" + o.replace("=", "").replace(".", "_") for o in args.overrides)
     out = run / name
-    # stage 6 of round 1 exactly as the pipeline ran it (plain PPO from SFT), in its own folder
-    ppo_cfg = with_overrides(replace_keys(ppo_stage_config(cfg, "ppo", 1, sft), {"output_dir": str(out)}),
+    # stage 6 of round 1 exactly as the pipeline ran it (from SFT), in its own folder
+    ppo_cfg = with_overrides(replace_keys(ppo_stage_config(cfg, args.variant, 1, sft), {"output_dir": str(out)}),
                              list(args.overrides))
 
     # The rollout hands the reward function token ids: the prompt's ids identify its task.
@@ -70,7 +80,7 @@ def main() -> None:
         return torch.tensor(scores)
 
     if not (out / "policy").exists():
-        train_ppo(ppo_cfg, reward_fn=gold_reward)
+        train_ppo(ppo_cfg, reward_fn=gold_reward if args.reward == "gold" else None)
     ev = replace_keys(eval_stage_config(cfg, str(sft), {}), {
         "policies": {"sft": str(sft), name: str(out / "policy")}, "reward_model": str(run / "round-1" / "rm" / "model"),
         "best_of_n": 0, "bootstrap": 200, "output_dir": str(run / (name + "-eval")), "ppo_runs": {name: str(out)}})
