@@ -27,11 +27,15 @@ def good_fraction_reward(query, response, mask):
     return 10 * good.sum(1) / mask.sum(1)
 
 
+def write_prompts(path: Path, prompts: list[str] = PROMPTS) -> Path:
+    """A prompts JSONL file (``id``, ``prompt``) at ``path``: the PPO tests' input."""
+    path.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(prompts)))
+    return path
+
+
 @pytest.fixture
 def prompts_file(tmp_path):
-    p = tmp_path / "prompts.jsonl"
-    p.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(PROMPTS)))
-    return p
+    return write_prompts(tmp_path / "prompts.jsonl")
 
 
 def tiny_cfg(tiny_model_dir, prompts_file, out, *extra):

@@ -17,15 +17,9 @@ from instructrl.core import rl_math
 from instructrl.core.losses import aggregate_token_loss, ppo_policy_loss
 from instructrl.train.ppo import PPOConfig, train_ppo
 
-PROMPTS = ["write a poem", "hello world", "answer in three words", "use a numbered list",
-           "please reply in json", "the quick brown fox"]
-GOOD = range(4, 100)
+from test_ppo import PROMPTS, good_fraction_reward, write_prompts  # the same prompts and scripted reward
+
 DROP = ("time_generate", "time_score", "time_train", "time_sync", "tokens_per_s")
-
-
-def good_fraction_reward(query, response, mask):
-    good = ((response >= GOOD.start) & (response < GOOD.stop)).float() * mask
-    return 10 * good.sum(1) / mask.sum(1)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +32,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("ppo-eng-data") / "prompts.jsonl"
-    p.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(PROMPTS)))
-    return p
+    return write_prompts(tmp_path_factory.mktemp("ppo-eng-data") / "prompts.jsonl")
 
 
 def cfg_for(policy, prompts, out, *extra):

@@ -12,7 +12,7 @@ import torch
 from instructrl.config import ConfigError, load_config
 from instructrl.train.ppo import PPOConfig, train_ppo
 
-from test_ppo import good_fraction_reward  # the scripted reward the full fine-tuning tests learn
+from test_ppo import good_fraction_reward, write_prompts  # the scripted reward the full fine-tuning tests learn
 
 PROMPTS = ["write a haiku about the sea", "list three colors", "say hello", "explain rain",
            "name a fruit", "count to five", "describe a cat", "what is two plus two"]
@@ -20,9 +20,7 @@ PROMPTS = ["write a haiku about the sea", "list three colors", "say hello", "exp
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    p = tmp_path / "prompts.jsonl"
-    p.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(PROMPTS)))
-    return p
+    return write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
 
 
 def cfg(model, prompts, out, *extra):
