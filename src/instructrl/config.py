@@ -24,6 +24,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,8 +50,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, (str, int, float, bool)) or key is None:
-                continue  # unhashable keys get SafeLoader's own error below
+            if not isinstance(key, Hashable):
+                continue  # a list or mapping as a key: SafeLoader's own error below
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark)

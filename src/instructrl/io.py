@@ -320,8 +320,8 @@ def prepare_run_folder(path: str | Path, config: dict, resume: bool = False, ove
     """Check a run folder before a run writes anything into it.
 
     Fresh start: a folder that already holds a run (metrics.jsonl, a checkpoint or one of ``outputs``;
-    config.yaml alone is a start that never ran a step) raises OutputError, so metrics never mix and --resume never picks an older run's checkpoint;
-    with ``overwrite`` only our own files (RUN_FILES, checkpoints/ and the names in ``outputs``,
+    config.yaml alone is a start that never ran a step) raises OutputError, so metrics never mix and
+    --resume never picks an older run's checkpoint; with ``overwrite`` only our own files (RUN_FILES, checkpoints/ and the names in ``outputs``,
     e.g. ``("model",)``) are removed, never anything else in the folder.
     Resume: the saved config.yaml must match ``config`` except ``safe_keys``; otherwise
     OutputError lists every changed key (``train.lr: 1e-05 -> 3e-05``).

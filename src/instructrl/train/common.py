@@ -214,11 +214,33 @@ def check_trainable(skipped: int, steps: int, where: str, lr: float, data: str) 
                           f"lower train.lr (now {lr}) or check the data ({data})")
 
 
+def non_finite_weights_error(where: str, lr: float) -> ConfigError:
+    return ConfigError(f"{where}: the model has non-finite weights after training with train.lr={lr}; "
+                       f"nothing saved. Lower train.lr")
+
+
 def check_finite_weights(model: torch.nn.Module, where: str, lr: float) -> None:
     """Never write a model with non-finite weights (e.g. after an update with an infinite learning rate)."""
     if not all_finite(model):
-        raise ConfigError(f"{where}: the model has non-finite weights after training with train.lr={lr}; "
-                          f"nothing saved. Lower train.lr")
+        raise non_finite_weights_error(where, lr)
+
+
+def gathered_state_dict(accelerator, model: torch.nn.Module, where: str, lr: float) -> dict:
+    """The full (unsharded) weights of an FSDP2 ``model``, on the CPU of rank 0 (every process takes part);
+    non-finite weights raise on every process, as :func:`check_finite_weights` does unsharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    bad = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in full.values())))
+    if accelerator.reduce(bad.to(accelerator.device), "sum").item():  # rank 0 holds it all; all decide
+        raise non_finite_weights_error(where, lr)
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        # A tied weight (SmolLM2's lm_head = embed_tokens) comes back as two copies; one tensor under
+        # both names lets save_pretrained drop the alias, as it does for an unsharded model.
+        if first.setdefault(id(p), name) != name and name in full:
+            full[name] = full[first[id(p)]]
+    return full
 
 
 def save_checkpoint(accelerator, model: torch.nn.Module, tokenizer, path: str | Path, lr: float,
@@ -233,35 +255,17 @@ def save_checkpoint(accelerator, model: torch.nn.Module, tokenizer, path: str | 
 
     path = Path(path)
     model = accelerator.unwrap_model(model)
+    state_dict = None  # None: save_pretrained reads the model's own (unsharded) weights
     if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        bad = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in full.values())))
-        if accelerator.reduce(bad.to(accelerator.device), "sum").item():  # rank 0 holds it all; all decide
-            raise ConfigError(f"{path}: the model has non-finite weights after training with train.lr={lr}; "
-                              f"nothing saved. Lower train.lr")
-        first: dict[int, str] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            # A tied weight (SmolLM2's lm_head = embed_tokens) comes back as two copies; one tensor under
-            # both names lets save_pretrained drop the alias, as it does for an unsharded model.
-            if first.setdefault(id(p), name) != name and name in full:
-                full[name] = full[first[id(p)]]
-        if accelerator.is_main_process:
-            with atomic_dir(path) as tmp:
-                model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                if extra is not None:
-                    extra(tmp)
-        accelerator.wait_for_everyone()
-        return path
-    check_finite_weights(model, str(path), lr)
+        state_dict = gathered_state_dict(accelerator, model, str(path), lr)
+    else:
+        check_finite_weights(model, str(path), lr)
     if accelerator.is_main_process:
         with atomic_dir(path) as tmp:
             if is_lora(model):
                 save_adapter(model, tmp / "adapter")
             else:
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if extra is not None:
                 extra(tmp)

@@ -109,10 +109,6 @@ def close_process_group(ok: bool) -> None:
     without an active exception", SIGABRT), which fails the whole launch. After a clean run every
     process waits for the others first; after an error it leaves at once (the others may never arrive).
     """
-    import sys
-
-    if "torch.distributed" not in sys.modules:
-        return
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
