@@ -16,7 +16,9 @@ PPO's budget (steps, episodes, the value model), not the RM. Results: docs/pipel
 Writes RUN/ppo-ceiling-<overrides>/ (the PPO run) and RUN/ppo-ceiling-<overrides>-eval/ (the report).
 ``--reward rm`` trains against the run's RM instead (what stage 6 does), ``--variant ppo_ptx`` with the
 pretraining term: the same harness for trying stage-6 settings without re-running the pipeline
-(folders RUN/ppo-rm-<variant>-<overrides>[-eval]).
+(folders RUN/ppo-rm-<variant>-<overrides>[-eval]). ``--no-eval`` stops after training: full vs LoRA
+PPO at stage-6 settings is ``--reward rm --variant ppo_ptx --no-eval steps=3 [train.lora.rank=16 ...]`` under
+``/usr/bin/time -v`` (docs/lora.md).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> None:
     ap.add_argument("--reward", choices=("gold", "rm"), default="gold",
                     help="gold: scale x gold score (the ceiling); rm: the run's round-1 RM, as stage 6")
     ap.add_argument("--variant", choices=("ppo", "ppo_ptx"), default="ppo", help="stage 6's variant to train")
+    ap.add_argument("--no-eval", action="store_true",
+                    help="train only (time and memory of stage-6 settings: metrics.jsonl has each phase's seconds)")
     ap.add_argument("overrides", nargs="*", help="`instructrl ppo` overrides applied last, e.g. steps=32")
     args = ap.parse_args()
 
@@ -81,6 +85,8 @@ def main() -> None:
 
     if not (out / "policy").exists():
         train_ppo(ppo_cfg, reward_fn=gold_reward if args.reward == "gold" else None)
+    if args.no_eval:
+        return
     ev = replace_keys(eval_stage_config(cfg, str(sft), {}), {
         "policies": {"sft": str(sft), name: str(out / "policy")}, "reward_model": str(run / "round-1" / "rm" / "model"),
         "best_of_n": 0, "bootstrap": 200, "output_dir": str(run / (name + "-eval")), "ppo_runs": {name: str(out)}})
