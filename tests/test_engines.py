@@ -199,6 +199,7 @@ def test_label_generator_auto_without_vllm_is_the_hf_path(tiny_model_dir, monkey
     from instructrl.labeling.generate import GenConfig, Generator
 
     monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    monkeypatch.setattr(engines, "_SAID", set())  # said once per process: forget earlier tests' lines
     msgs = [[{"role": "user", "content": t}] for t in PROMPTS]
     auto = Generator(str(tiny_model_dir), GenConfig(max_new_tokens=6, seed=3, engine=EngineSettings(name="auto")))
     err = capsys.readouterr().err
@@ -206,8 +207,32 @@ def test_label_generator_auto_without_vllm_is_the_hf_path(tiny_model_dir, monkey
     hf = Generator(str(tiny_model_dir), GenConfig(max_new_tokens=6, seed=3, engine=EngineSettings(name="hf")))
     assert auto.engine.name == "hf" and capsys.readouterr().err.count("engine:") == 0
     assert [x for x in err.splitlines() if "engine:" in x] == [
-        "[instructrl] label: engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"]
+        "[instructrl] engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"]
     assert got == hf._sample(msgs, 2) and len(got) == 3 and all(len(r) == 2 for r in got)
+
+
+def test_auto_is_resolved_in_one_place_for_library_callers(tiny, monkeypatch, capsys):
+    """generate_texts, evaluation's generate and engine_for given engine.name=auto where vllm is absent:
+    the built-in sampler's exact answers, and one line on stderr for the process, not one per call."""
+    import instructrl.engines as engines
+    from instructrl.evaluation.sampling import encode_prompts, generate
+    from instructrl.generation import generate_texts
+
+    _, tok, model = tiny
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    monkeypatch.setattr(engines, "_SAID", set())
+    auto, hf = EngineSettings(name="auto"), EngineSettings(name="hf")
+    msgs = [[{"role": "user", "content": t}] for t in PROMPTS]
+    kw = dict(seed=2, batch_size=2, n_per_prompt=2, precision="fp32")
+    assert generate_texts(model, tok, msgs, 6, engine=auto, **kw) == generate_texts(model, tok, msgs, 6, engine=hf, **kw)
+    ids = encode_prompts(tok, msgs, 64)
+    assert (generate(model, tok, ids, max_new_tokens=6, seed=1, engine=auto).texts
+            == generate(model, tok, ids, max_new_tokens=6, seed=1, engine=hf).texts)
+    assert isinstance(engine_for(model, tok, auto, "fp32"), HFEngine)
+    assert [x for x in capsys.readouterr().err.splitlines() if "engine:" in x] == [
+        "[instructrl] engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"]
+    assert engines.resolved(None).name == "hf" and engines.resolved(hf) is hf  # no line for a set engine
+    assert capsys.readouterr().err == ""
 
 
 # ---------------------------------------------------------------------------
@@ -348,6 +373,29 @@ def test_vllm_generate_texts_and_eval_generate_match_hf(tiny, vllm_engine):
     want = generate(model, tok, encode_prompts(tok, msgs, 64), **kw)
     assert got.texts == want.texts and got.tokens == want.tokens and got.ended == want.ended
     assert got.kl == pytest.approx(want.kl, abs=1e-4)
+
+
+def test_vllm_auto_means_vllm_for_library_callers(tiny, vllm_engine, monkeypatch, capsys):
+    """engine.name=auto where vllm is importable: generate_texts and evaluation's generate sample with the
+    engine (sampled answers equal engine.name=vllm's, not the built-in sampler's), said once on stderr."""
+    import instructrl.engines as engines
+    from instructrl.evaluation.sampling import encode_prompts, generate
+    from instructrl.generation import generate_texts
+
+    _, tok, model = tiny
+    monkeypatch.setattr(engines, "_SAID", set())
+    auto, vl = EngineSettings(name="auto"), EngineSettings(name="vllm")
+    msgs = [[{"role": "user", "content": t}] for t in PROMPTS * 2]
+    kw = dict(seed=3, n_per_prompt=2, precision="fp32")
+    got = generate_texts(model, tok, msgs, 10, engine=auto, **kw)
+    assert got == generate_texts(model, tok, msgs, 10, engine=vl, **kw)
+    assert got != generate_texts(model, tok, msgs, 10, **kw)  # the built-in sampler draws other samples
+    ids = encode_prompts(tok, msgs, 64)
+    assert (generate(model, tok, ids, max_new_tokens=10, seed=1, engine=auto).texts
+            == generate(model, tok, ids, max_new_tokens=10, seed=1, engine=vl).texts)
+    assert engine_for(model, tok, auto, "fp32") is vllm_engine[0]
+    assert [x for x in capsys.readouterr().err.splitlines() if "engine:" in x] == [
+        "[instructrl] engine: vllm (engine.name=auto and vllm is importable here)"]
 
 
 def test_vllm_ifeval_greedy_matches_hf_and_sampling_follows_its_seed(tiny, vllm_engine, tmp_path):

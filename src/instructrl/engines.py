@@ -102,18 +102,38 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def resolve_engine(settings: EngineSettings) -> tuple[EngineSettings, str]:
+def resolve_engine(settings: EngineSettings | None) -> tuple[EngineSettings, str]:
     """``settings`` with ``auto`` replaced by the engine it means here, and a line saying which and why.
 
-    auto = vllm when the package can be found (``find_spec``, no import), else hf. Called once where
-    a command starts (not in ``validate``: the answer depends on the venv, not on the config)."""
+    The one place ``auto`` is decided: auto = vllm when the package can be found (``find_spec``, no
+    import), else hf; None (a library caller with no engine section) = hf. Commands call it once where
+    they start and log the line in their run folder (not in ``validate``: the answer depends on the
+    venv, not on the config); library functions call :func:`resolved`."""
     from dataclasses import replace
 
+    if settings is None:
+        return EngineSettings(name="hf"), "engine: hf (no engine section given)"
     if settings.name != "auto":
         return settings, f"engine: {settings.name} (set)"
     if vllm_available():
         return replace(settings, name="vllm"), "engine: vllm (engine.name=auto and vllm is importable here)"
     return replace(settings, name="hf"), "engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"
+
+
+_SAID: set[str] = set()  # the auto lines already printed by this process
+
+
+def resolved(settings: EngineSettings | None) -> EngineSettings:
+    """:func:`resolve_engine` for library functions (``generate_texts``, ``evaluation.sampling.generate``,
+    :func:`engine_for`): the settings with ``auto`` decided, and for ``auto`` its line on stderr once per
+    process (a caller looping over batches is told once, not once a batch)."""
+    import sys
+
+    out, why = resolve_engine(settings)
+    if settings is not None and settings.name == "auto" and why not in _SAID:
+        _SAID.add(why)
+        print(f"[instructrl] {why}", file=sys.stderr)
+    return out
 
 
 def concat_generations(parts: Sequence[Generation], pad_id: int) -> Generation:
@@ -346,12 +366,8 @@ def engine_for(model, tok, settings: EngineSettings | None, precision: str = "fp
     on every call, since an in-memory model may differ from its folder (a model being trained).
     """
     global _VLLM
-    if settings is not None and settings.name == "auto":
-        import sys
-
-        settings, why = resolve_engine(settings)
-        print(f"[instructrl] {why}", file=sys.stderr)
-    if settings is None or settings.name == "hf":
+    settings = resolved(settings)
+    if settings.name == "hf":
         dtype = torch.bfloat16 if precision == "bf16" else None
         return HFEngine(model, tok.eos_token_id, tok.pad_token_id, autocast_dtype=dtype, batch_size=batch_size,
                         generator=generator)
