@@ -129,6 +129,26 @@ def test_engine_for_hf_follows_the_model(tiny):
     assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
 
 
+def test_engine_key_ignores_what_training_changes_in_config_json(tiny, tmp_path):
+    """An SFT checkpoint saves use_cache=false (and its own dtype, version): still the base's engine."""
+    from instructrl.engines import _arch
+
+    d, _, model = tiny
+    model.config.use_cache = False
+    try:
+        model.save_pretrained(tmp_path / "sft")
+    finally:
+        model.config.use_cache = True
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["use_cache"] is False
+    assert _arch(tmp_path / "sft") == _arch(d)
+    model.config.num_hidden_layers += 1  # another architecture: another engine
+    try:
+        model.config.save_pretrained(tmp_path / "other")
+    finally:
+        model.config.num_hidden_layers -= 1
+    assert _arch(tmp_path / "other") != _arch(d)
+
+
 def test_vllm_setting_without_vllm_is_a_clear_error(monkeypatch):
     import instructrl.engines as engines
     from instructrl.evaluation.evaluate import EvalConfig
@@ -466,3 +486,69 @@ def test_vllm_engine_kept_for_the_same_architecture_restarted_for_another(tiny, 
     assert eng_c is not eng and eng.llm is None
     want = HFEngine(c, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
     assert torch.equal(eng_c.generate(_ids(tok), s).response, want.response)
+
+
+# ---------------------------------------------------------------------------
+# SFT's rm_score selection through the engine (the hf half always; the vLLM half skips without it)
+# ---------------------------------------------------------------------------
+
+
+def _sft_rm_run(d, tok, tmp_path, out, *extra):
+    """A 2-epoch SFT on the tiny model whose selection samples 3 validation prompts per checkpoint."""
+    from instructrl.reward_model import init_reward_model, save_reward_model
+    from instructrl.train.sft import SFTConfig, train_sft
+
+    rm_dir = tmp_path / "rm"
+    if not rm_dir.exists():
+        save_reward_model(init_reward_model(str(d)), tok, rm_dir)
+    examples = Path(__file__).resolve().parents[1] / "docs" / "examples" / "demonstrations.jsonl"
+    cfg = load_config(SFTConfig, None, [
+        f"model={d}", f"output_dir={tmp_path / out}", f"data.train={examples}", "train.epochs=2",
+        "train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-3", "train.precision=fp32",
+        "select.metric=rm_score", f"select.reward_model={rm_dir}", "select.num_prompts=3",
+        "select.max_new_tokens=6", *extra])
+    train_sft(cfg)
+    return cfg, json.loads((tmp_path / out / "selection.json").read_text())
+
+
+def _rescore(cfg, sel, engine):
+    """Each checkpoint's RM score again, sampled by ``engine`` (None: generate_texts' built-in default)."""
+    from instructrl.runtime import make_runtime
+    from instructrl.train.sft import load_split, rm_score_checkpoint
+
+    _, val = load_split(cfg)
+    rt = make_runtime("cpu", "fp32")
+    return [rm_score_checkpoint(h["checkpoint"], cfg.model, val, cfg.select, cfg.train.seed, rt, engine)
+            for h in sel["history"]]
+
+
+def test_sft_rm_score_selection_with_engine_hf_is_the_built_in_sampler(tiny, tmp_path, monkeypatch):
+    """sft engine.name=hf (and auto where vllm is absent): the same scores as the sampler SFT used before
+    engines (generate_texts without an engine, itself the old rollout.sample loop: test above)."""
+    import instructrl.engines as engines
+
+    d, tok, _ = tiny
+    cfg, hf = _sft_rm_run(d, tok, tmp_path, "hf", "engine.name=hf")
+    assert [h["rm_score"] for h in hf["history"]] == _rescore(cfg, hf, None)
+    assert "selection samples: engine: hf (set)" in (tmp_path / "hf" / "log.txt").read_text()
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    _, auto = _sft_rm_run(d, tok, tmp_path, "auto")  # SFT's default: auto
+    assert [h["rm_score"] for h in auto["history"]] == [h["rm_score"] for h in hf["history"]]
+    assert auto["best"]["epoch"] == hf["best"]["epoch"]
+    assert "engine: hf (engine.name=auto and vllm is not installed" in (tmp_path / "auto" / "log.txt").read_text()
+
+
+def test_vllm_sft_rm_score_selection_samples_with_the_engine(tiny, tmp_path):
+    """sft engine.name=vllm: the selection's responses come from the process's engine (synced with each
+    checkpoint), seeded: re-scoring with vllm gives the same numbers, the built-in sampler other ones."""
+    pytest.importorskip("vllm")
+    import yaml
+
+    d, tok, _ = tiny
+    cfg, sel = _sft_rm_run(d, tok, tmp_path, "v", "engine.name=vllm")
+    scores = [h["rm_score"] for h in sel["history"]]
+    assert len(scores) == 2 and all(np.isfinite(scores)) and sel["best"]["rm_score"] == max(scores)
+    assert "selection samples: engine: vllm (set)" in (tmp_path / "v" / "log.txt").read_text()
+    assert yaml.safe_load((tmp_path / "v" / "config.yaml").read_text())["engine"]["name"] == "vllm"
+    assert scores == _rescore(cfg, sel, EngineSettings(name="vllm"))
+    assert scores != _rescore(cfg, sel, None)

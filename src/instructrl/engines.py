@@ -347,11 +347,13 @@ _VLLM: VLLMEngine | None = None
 
 
 def _arch(path: str | Path) -> dict:
-    """What an engine built from ``path`` depends on: its config.json less names and versions."""
+    """What an engine built from ``path`` depends on: its config.json less names, versions and HF-only
+    switches (training saves ``use_cache: false``; vLLM keeps its own KV cache), so the SFT model
+    reuses the engine its base model started."""
     import json
 
     cfg = json.loads((Path(path) / "config.json").read_text())
-    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"):
         cfg.pop(k, None)
     return cfg
 
