@@ -149,6 +149,31 @@ def test_engine_key_ignores_what_training_changes_in_config_json(tiny, tmp_path)
     assert _arch(tmp_path / "other") != _arch(d)
 
 
+def test_kv_cache_is_a_fixed_size_on_cpu_and_vllms_memory_errors_name_our_keys():
+    """On CPU the KV cache is asked for in bytes (the share of total RAM, or kv_cache_gib), never by vLLM's
+    rule that subtracts the process's memory; vLLM's memory errors become one line naming the keys."""
+    from instructrl.engines import GiB, explain_start_error, kv_cache_bytes
+
+    ram = 24 * GiB
+    assert kv_cache_bytes(EngineSettings(), cuda=False, total_ram=ram) == int(0.2 * ram)
+    assert kv_cache_bytes(EngineSettings(gpu_memory_utilization=0.05), False, ram) == int(0.05 * ram)
+    assert kv_cache_bytes(EngineSettings(gpu_memory_utilization=0.5, kv_cache_gib=1.5), False, ram) == 1.5 * GiB
+    assert kv_cache_bytes(EngineSettings(), cuda=True, total_ram=ram) is None  # CUDA: vLLM's own rule
+    assert kv_cache_bytes(EngineSettings(kv_cache_gib=3), cuda=True, total_ram=ram) == 3 * GiB
+    # the error of issue 19's PPO run (the trainer's ~5 GB in the process), as vLLM 0.32 words it
+    seen = ValueError("Available memory on node 0 (17.32/23.55 GiB) on kv cache allocation is less than "
+                      "requested memory for kv (-0.51/4.71 GiB). Reduce CPU memory used by other processes.")
+    e = explain_start_error(seen, 2 * GiB)
+    assert isinstance(e, ConfigError) and "engine.kv_cache_gib" in str(e) and "engine.gpu_memory_utilization" in str(e)
+    assert "\n" not in str(e) and "(2.00 GiB)" in str(e) and "-0.51/4.71" in str(e)
+    short = ValueError("To serve at least one request with the model's max seq len (8192), (0.35 GiB KV cache is "
+                       "needed, which is larger than the available KV cache memory (0.10 GiB).")
+    assert "engine.max_model_len" in str(explain_start_error(short, GiB // 10))
+    none = ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`")
+    assert "raise engine.kv_cache_gib" in str(explain_start_error(none, 10**4))  # a budget under one block
+    assert explain_start_error(ValueError("something else"), GiB) is None
+
+
 def test_vllm_setting_without_vllm_is_a_clear_error(monkeypatch):
     import instructrl.engines as engines
     from instructrl.evaluation.evaluate import EvalConfig
@@ -552,3 +577,23 @@ def test_vllm_sft_rm_score_selection_samples_with_the_engine(tiny, tmp_path):
     assert yaml.safe_load((tmp_path / "v" / "config.yaml").read_text())["engine"]["name"] == "vllm"
     assert scores == _rescore(cfg, sel, EngineSettings(name="vllm"))
     assert scores != _rescore(cfg, sel, None)
+
+
+def test_vllm_kv_cache_too_big_or_too_small_is_a_clear_error_and_the_next_start_works(tiny):
+    """More KV cache than free RAM: refused before vLLM starts. Too little for one max_model_len
+    sequence: vLLM's error, as one line naming the keys; a later engine in the process starts fine."""
+    pytest.importorskip("vllm")
+    from instructrl.engines import close_engine
+
+    _, tok, model = tiny
+    close_engine()
+    with pytest.raises(ConfigError, match=r"more than the .* GiB of RAM free now: set a smaller engine\.kv_cache_gib"):
+        engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=1e6), "fp32")
+    for gib in (2e-4, 1e-5):  # a few blocks, under 512 tokens; less than one block
+        with pytest.raises(ConfigError, match=r"cannot hold one sequence of max_model_len.*engine\.max_model_len"):
+            engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=gib, max_model_len=512), "fp32")
+    eng = engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
+    s = SamplingSettings(8, temperature=0)
+    want = HFEngine(model, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
+    assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
+    close_engine()

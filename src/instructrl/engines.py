@@ -53,8 +53,13 @@ class EngineSettings:
     name: Literal["auto", "hf", "vllm"] = param(
         "hf", "generation engine: hf = the built-in sampler (rollout.sample), vllm = vLLM in this process "
               "(needs vllm installed: docs/vllm.md), auto = vllm where it is importable, else hf")
-    gpu_memory_utilization: float = param(0.0, "vllm: share of memory for its KV cache (on CPU: of RAM); "
-                                               "0 = 0.2 on CPU, 0.5 on CUDA", min=0, max=1)
+    gpu_memory_utilization: float = param(0.0, "vllm: share of memory for its KV cache (on CPU: of total RAM, "
+                                               "fixed in GiB at start, so the trainer's models in the process do "
+                                               "not count against it); 0 = 0.2 on CPU, 0.5 on CUDA; "
+                                               "ignored when kv_cache_gib is set", min=0, max=1)
+    kv_cache_gib: float = param(0.0, "vllm: the KV cache's size in GiB (vLLM's kv_cache_memory_bytes); 0 = "
+                                     "gpu_memory_utilization's share. It must hold one max_model_len sequence; "
+                                     "more lets more sequences run at once (docs/vllm.md)", min=0)
     enforce_eager: bool = param(True, "vllm: no torch.compile (starts much sooner; docs/vllm.md compares both)")
     dtype: Literal["auto", "float32", "bfloat16"] = param("auto", "vllm: weights and activations; auto = the "
                                                                    "command's precision (bf16 -> bfloat16)")
@@ -301,24 +306,68 @@ class VLLMEngine:
         finally:
             del llm
             gc.collect()
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+            _tear_down_parallel_state()
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
+
+def _tear_down_parallel_state() -> None:
+    """vLLM's process-wide distributed state, which a second engine in the process would find set."""
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
+
+
+GiB = 2**30
+MEMORY_KEYS = "engine.kv_cache_gib (GiB) or engine.gpu_memory_utilization (share of RAM)"
+
+
+def kv_cache_bytes(settings: EngineSettings, cuda: bool, total_ram: int) -> int | None:
+    """The KV cache size to ask vLLM for (``kv_cache_memory_bytes``); None = its gpu_memory_utilization rule.
+
+    On CPU it is always a size: vLLM's own rule reserves ``gpu_memory_utilization`` x RAM for the
+    whole process and gives the KV cache what is left after the process's resident memory, so with a
+    trainer's models in the process (PPO at SmolLM2 size: ~5 GB) nothing is left and it refuses to start
+    ("... less than requested memory for kv (-0.51/4.71 GiB)"). Here the share is of total RAM, for
+    the KV cache alone. On CUDA: kv_cache_gib if set, else vLLM's rule."""
+    if settings.kv_cache_gib > 0:
+        return int(settings.kv_cache_gib * GiB)
+    if cuda:
+        return None
+    return int((settings.gpu_memory_utilization or 0.2) * total_ram)
+
+
+def explain_start_error(e: Exception, kv_bytes: int | None) -> ConfigError | None:
+    """vLLM's memory errors at start as one line naming our keys (None: not one of them)."""
+    msg = str(e)
+    asked = f"{kv_bytes / GiB:.2f} GiB" if kv_bytes else "its share"
+    if "Available memory on node" in msg:
+        return ConfigError(f"engine: the vLLM KV cache ({asked}) does not fit in the memory free now: set a "
+                           f"smaller {MEMORY_KEYS}, e.g. engine.kv_cache_gib=2, or free memory (vLLM: {msg})")
+    if "To serve at least one request" in msg or "No available memory for the cache blocks" in msg:
+        return ConfigError(f"engine: the vLLM KV cache ({asked}) cannot hold one sequence of max_model_len "
+                           f"tokens: raise {MEMORY_KEYS}, or lower engine.max_model_len (vLLM: {msg})")
+    return None
 
 
 def _start_vllm(path: str, settings: EngineSettings, dtype: str, seed: int):
     """``vllm.LLM(path)`` in this process, leaving the process's RNGs and thread settings as they were."""
     import numpy as np
+    import psutil
 
     if not vllm_available():
         raise ConfigError(f"engine.name=vllm but vllm is not importable here: {VLLM_INSTALL}")
+    cuda = torch.cuda.is_available()
+    ram = psutil.virtual_memory()
+    kv_bytes = kv_cache_bytes(settings, cuda, ram.total)
+    if not cuda and kv_bytes > ram.available:  # vLLM's own check, but before it loads the model
+        raise ConfigError(f"engine: the vLLM KV cache ({kv_bytes / GiB:.2f} GiB) is more than the "
+                          f"{ram.available / GiB:.2f} GiB of RAM free now: set a smaller {MEMORY_KEYS}, "
+                          f"e.g. engine.kv_cache_gib=2")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: sync_weights reaches the model directly
     # vLLM sets torch to 1 thread in-process unless OMP_NUM_THREADS is set: keep the process's count
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     threads, set_threads = torch.get_num_threads(), torch.set_num_threads
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    cuda = torch.cuda.is_available()
     util = settings.gpu_memory_utilization or (0.5 if cuda else 0.2)
     try:
         from vllm import LLM
@@ -328,9 +377,16 @@ def _start_vllm(path: str, settings: EngineSettings, dtype: str, seed: int):
         # must fit the longest sequence, hence the token budget.
         max_len = settings.max_model_len or _arch(path).get("max_position_embeddings", 8192)
         return LLM(model=path, skip_tokenizer_init=True, dtype=dtype, gpu_memory_utilization=util,
+                   kv_cache_memory_bytes=kv_bytes,
                    enforce_eager=settings.enforce_eager, seed=seed, max_model_len=settings.max_model_len or None,
                    enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, 1024),
                    generation_config="vllm", logprobs_mode="processed_logprobs")
+    except ValueError as e:
+        clear = explain_start_error(e, kv_bytes)
+        if clear is None:
+            raise
+        _tear_down_parallel_state()  # a half-started engine: the next start in this process begins clean
+        raise clear from None
     finally:
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
@@ -377,7 +433,7 @@ def engine_for(model, tok, settings: EngineSettings | None, precision: str = "fp
     if not path or not (Path(path) / "config.json").exists():
         raise ConfigError(f"engine.name=vllm needs a model loaded from a folder with config.json, got {path!r}")
     key = (_arch(path), tok.eos_token_id, tok.pad_token_id, vllm_dtype(settings, precision),
-           settings.gpu_memory_utilization, settings.enforce_eager, settings.max_model_len)
+           settings.gpu_memory_utilization, settings.kv_cache_gib, settings.enforce_eager, settings.max_model_len)
     if _VLLM is None or _VLLM._key != key:
         close_engine()
         _VLLM = VLLMEngine(path, tok.eos_token_id, tok.pad_token_id, settings, precision)
