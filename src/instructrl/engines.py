@@ -238,6 +238,9 @@ class VLLMEngine:
         self._key: tuple | None = None  # what engine_for built it for
         self.llm = _start_vllm(self.path, settings, self.dtype, seed)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        # what the KV cache got (VLLM_CPU_KVCACHE_SPACE, if set, overrides ours); None = vLLM's own rule (CUDA)
+        kv = self.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes
+        self.kv_cache_gib = None if kv is None else kv / GiB
 
     def generate(self, prompt_ids: Sequence[list[int]], s: SamplingSettings) -> Generation:
         from vllm import SamplingParams
