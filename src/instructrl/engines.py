@@ -362,6 +362,8 @@ def _start_vllm(path: str, settings: EngineSettings, dtype: str, seed: int):
     cuda = torch.cuda.is_available()
     ram = psutil.virtual_memory()
     kv_bytes = kv_cache_bytes(settings, cuda, ram.total)
+    if not cuda and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's older switch (GiB) wins over ours
+        kv_bytes = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * GiB
     if not cuda and kv_bytes > ram.available:  # vLLM's own check, but before it loads the model
         raise ConfigError(f"engine: the vLLM KV cache ({kv_bytes / GiB:.2f} GiB) is more than the "
                           f"{ram.available / GiB:.2f} GiB of RAM free now: set a smaller {MEMORY_KEYS}, "
