@@ -579,7 +579,7 @@ def test_vllm_sft_rm_score_selection_samples_with_the_engine(tiny, tmp_path):
     assert scores != _rescore(cfg, sel, None)
 
 
-def test_vllm_kv_cache_too_big_or_too_small_is_a_clear_error_and_the_next_start_works(tiny):
+def test_vllm_kv_cache_too_big_or_too_small_is_a_clear_error_and_the_next_start_works(tiny, monkeypatch):
     """More KV cache than free RAM: refused before vLLM starts. Too little for one max_model_len
     sequence: vLLM's error, as one line naming the keys; a later engine in the process starts fine."""
     pytest.importorskip("vllm")
@@ -589,6 +589,10 @@ def test_vllm_kv_cache_too_big_or_too_small_is_a_clear_error_and_the_next_start_
     close_engine()
     with pytest.raises(ConfigError, match=r"more than the .* GiB of RAM free now: set a smaller engine\.kv_cache_gib"):
         engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=1e6), "fp32")
+    with monkeypatch.context() as m:  # vLLM's older switch wins over ours: checked as what vLLM will use
+        m.setenv("VLLM_CPU_KVCACHE_SPACE", "100000")
+        with pytest.raises(ConfigError, match=r"KV cache \(100000\.00 GiB\) is more than"):
+            engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
     for gib in (2e-4, 1e-5):  # a few blocks, under 512 tokens; less than one block
         with pytest.raises(ConfigError, match=r"cannot hold one sequence of max_model_len.*engine\.max_model_len"):
             engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=gib, max_model_len=512), "fp32")
