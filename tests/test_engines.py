@@ -129,6 +129,51 @@ def test_engine_for_hf_follows_the_model(tiny):
     assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
 
 
+def test_engine_key_ignores_what_training_changes_in_config_json(tiny, tmp_path):
+    """An SFT checkpoint saves use_cache=false (and its own dtype, version): still the base's engine."""
+    from instructrl.engines import _arch
+
+    d, _, model = tiny
+    model.config.use_cache = False
+    try:
+        model.save_pretrained(tmp_path / "sft")
+    finally:
+        model.config.use_cache = True
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["use_cache"] is False
+    assert _arch(tmp_path / "sft") == _arch(d)
+    model.config.num_hidden_layers += 1  # another architecture: another engine
+    try:
+        model.config.save_pretrained(tmp_path / "other")
+    finally:
+        model.config.num_hidden_layers -= 1
+    assert _arch(tmp_path / "other") != _arch(d)
+
+
+def test_kv_cache_is_a_fixed_size_on_cpu_and_vllms_memory_errors_name_our_keys():
+    """On CPU the KV cache is asked for in bytes (the share of total RAM, or kv_cache_gib), never by vLLM's
+    rule that subtracts the process's memory; vLLM's memory errors become one line naming the keys."""
+    from instructrl.engines import GiB, explain_start_error, kv_cache_bytes
+
+    ram = 24 * GiB
+    assert kv_cache_bytes(EngineSettings(), cuda=False, total_ram=ram) == int(0.2 * ram)
+    assert kv_cache_bytes(EngineSettings(gpu_memory_utilization=0.05), False, ram) == int(0.05 * ram)
+    assert kv_cache_bytes(EngineSettings(gpu_memory_utilization=0.5, kv_cache_gib=1.5), False, ram) == 1.5 * GiB
+    assert kv_cache_bytes(EngineSettings(), cuda=True, total_ram=ram) is None  # CUDA: vLLM's own rule
+    assert kv_cache_bytes(EngineSettings(kv_cache_gib=3), cuda=True, total_ram=ram) == 3 * GiB
+    # the error of issue 19's PPO run (the trainer's ~5 GB in the process), as vLLM 0.32 words it
+    seen = ValueError("Available memory on node 0 (17.32/23.55 GiB) on kv cache allocation is less than "
+                      "requested memory for kv (-0.51/4.71 GiB). Reduce CPU memory used by other processes.")
+    e = explain_start_error(seen, 2 * GiB)
+    assert isinstance(e, ConfigError) and "engine.kv_cache_gib" in str(e) and "engine.gpu_memory_utilization" in str(e)
+    assert "\n" not in str(e) and "(2.00 GiB)" in str(e) and "-0.51/4.71" in str(e)
+    short = ValueError("To serve at least one request with the model's max seq len (8192), (0.35 GiB KV cache is "
+                       "needed, which is larger than the available KV cache memory (0.10 GiB).")
+    assert "engine.max_model_len" in str(explain_start_error(short, GiB // 10))
+    none = ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`")
+    assert "raise engine.kv_cache_gib" in str(explain_start_error(none, 10**4))  # a budget under one block
+    assert explain_start_error(ValueError("something else"), GiB) is None
+
+
 def test_vllm_setting_without_vllm_is_a_clear_error(monkeypatch):
     import instructrl.engines as engines
     from instructrl.evaluation.evaluate import EvalConfig
@@ -199,6 +244,7 @@ def test_label_generator_auto_without_vllm_is_the_hf_path(tiny_model_dir, monkey
     from instructrl.labeling.generate import GenConfig, Generator
 
     monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    monkeypatch.setattr(engines, "_SAID", set())  # said once per process: forget earlier tests' lines
     msgs = [[{"role": "user", "content": t}] for t in PROMPTS]
     auto = Generator(str(tiny_model_dir), GenConfig(max_new_tokens=6, seed=3, engine=EngineSettings(name="auto")))
     err = capsys.readouterr().err
@@ -206,8 +252,32 @@ def test_label_generator_auto_without_vllm_is_the_hf_path(tiny_model_dir, monkey
     hf = Generator(str(tiny_model_dir), GenConfig(max_new_tokens=6, seed=3, engine=EngineSettings(name="hf")))
     assert auto.engine.name == "hf" and capsys.readouterr().err.count("engine:") == 0
     assert [x for x in err.splitlines() if "engine:" in x] == [
-        "[instructrl] label: engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"]
+        "[instructrl] engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"]
     assert got == hf._sample(msgs, 2) and len(got) == 3 and all(len(r) == 2 for r in got)
+
+
+def test_auto_is_resolved_in_one_place_for_library_callers(tiny, monkeypatch, capsys):
+    """generate_texts, evaluation's generate and engine_for given engine.name=auto where vllm is absent:
+    the built-in sampler's exact answers, and one line on stderr for the process, not one per call."""
+    import instructrl.engines as engines
+    from instructrl.evaluation.sampling import encode_prompts, generate
+    from instructrl.generation import generate_texts
+
+    _, tok, model = tiny
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    monkeypatch.setattr(engines, "_SAID", set())
+    auto, hf = EngineSettings(name="auto"), EngineSettings(name="hf")
+    msgs = [[{"role": "user", "content": t}] for t in PROMPTS]
+    kw = dict(seed=2, batch_size=2, n_per_prompt=2, precision="fp32")
+    assert generate_texts(model, tok, msgs, 6, engine=auto, **kw) == generate_texts(model, tok, msgs, 6, engine=hf, **kw)
+    ids = encode_prompts(tok, msgs, 64)
+    assert (generate(model, tok, ids, max_new_tokens=6, seed=1, engine=auto).texts
+            == generate(model, tok, ids, max_new_tokens=6, seed=1, engine=hf).texts)
+    assert isinstance(engine_for(model, tok, auto, "fp32"), HFEngine)
+    assert [x for x in capsys.readouterr().err.splitlines() if "engine:" in x] == [
+        "[instructrl] engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"]
+    assert engines.resolved(None).name == "hf" and engines.resolved(hf) is hf  # no line for a set engine
+    assert capsys.readouterr().err == ""
 
 
 # ---------------------------------------------------------------------------
@@ -350,6 +420,29 @@ def test_vllm_generate_texts_and_eval_generate_match_hf(tiny, vllm_engine):
     assert got.kl == pytest.approx(want.kl, abs=1e-4)
 
 
+def test_vllm_auto_means_vllm_for_library_callers(tiny, vllm_engine, monkeypatch, capsys):
+    """engine.name=auto where vllm is importable: generate_texts and evaluation's generate sample with the
+    engine (sampled answers equal engine.name=vllm's, not the built-in sampler's), said once on stderr."""
+    import instructrl.engines as engines
+    from instructrl.evaluation.sampling import encode_prompts, generate
+    from instructrl.generation import generate_texts
+
+    _, tok, model = tiny
+    monkeypatch.setattr(engines, "_SAID", set())
+    auto, vl = EngineSettings(name="auto"), EngineSettings(name="vllm")
+    msgs = [[{"role": "user", "content": t}] for t in PROMPTS * 2]
+    kw = dict(seed=3, n_per_prompt=2, precision="fp32")
+    got = generate_texts(model, tok, msgs, 10, engine=auto, **kw)
+    assert got == generate_texts(model, tok, msgs, 10, engine=vl, **kw)
+    assert got != generate_texts(model, tok, msgs, 10, **kw)  # the built-in sampler draws other samples
+    ids = encode_prompts(tok, msgs, 64)
+    assert (generate(model, tok, ids, max_new_tokens=10, seed=1, engine=auto).texts
+            == generate(model, tok, ids, max_new_tokens=10, seed=1, engine=vl).texts)
+    assert engine_for(model, tok, auto, "fp32") is vllm_engine[0]
+    assert [x for x in capsys.readouterr().err.splitlines() if "engine:" in x] == [
+        "[instructrl] engine: vllm (engine.name=auto and vllm is importable here)"]
+
+
 def test_vllm_ifeval_greedy_matches_hf_and_sampling_follows_its_seed(tiny, vllm_engine, tmp_path):
     """eval ifeval with engine.name=vllm: greedy answers equal engine.name=hf's; sampled ones repeat for a seed."""
     from instructrl.evaluation.ifeval import IFEvalConfig, run_ifeval
@@ -418,3 +511,93 @@ def test_vllm_engine_kept_for_the_same_architecture_restarted_for_another(tiny, 
     assert eng_c is not eng and eng.llm is None
     want = HFEngine(c, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
     assert torch.equal(eng_c.generate(_ids(tok), s).response, want.response)
+
+
+# ---------------------------------------------------------------------------
+# SFT's rm_score selection through the engine (the hf half always; the vLLM half skips without it)
+# ---------------------------------------------------------------------------
+
+
+def _sft_rm_run(d, tok, tmp_path, out, *extra):
+    """A 2-epoch SFT on the tiny model whose selection samples 3 validation prompts per checkpoint."""
+    from instructrl.reward_model import init_reward_model, save_reward_model
+    from instructrl.train.sft import SFTConfig, train_sft
+
+    rm_dir = tmp_path / "rm"
+    if not rm_dir.exists():
+        save_reward_model(init_reward_model(str(d)), tok, rm_dir)
+    examples = Path(__file__).resolve().parents[1] / "docs" / "examples" / "demonstrations.jsonl"
+    cfg = load_config(SFTConfig, None, [
+        f"model={d}", f"output_dir={tmp_path / out}", f"data.train={examples}", "train.epochs=2",
+        "train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-3", "train.precision=fp32",
+        "select.metric=rm_score", f"select.reward_model={rm_dir}", "select.num_prompts=3",
+        "select.max_new_tokens=6", *extra])
+    train_sft(cfg)
+    return cfg, json.loads((tmp_path / out / "selection.json").read_text())
+
+
+def _rescore(cfg, sel, engine):
+    """Each checkpoint's RM score again, sampled by ``engine`` (None: generate_texts' built-in default)."""
+    from instructrl.runtime import make_runtime
+    from instructrl.train.sft import load_split, rm_score_checkpoint
+
+    _, val = load_split(cfg)
+    rt = make_runtime("cpu", "fp32")
+    return [rm_score_checkpoint(h["checkpoint"], cfg.model, val, cfg.select, cfg.train.seed, rt, engine)
+            for h in sel["history"]]
+
+
+def test_sft_rm_score_selection_with_engine_hf_is_the_built_in_sampler(tiny, tmp_path, monkeypatch):
+    """sft engine.name=hf (and auto where vllm is absent): the same scores as the sampler SFT used before
+    engines (generate_texts without an engine, itself the old rollout.sample loop: test above)."""
+    import instructrl.engines as engines
+
+    d, tok, _ = tiny
+    cfg, hf = _sft_rm_run(d, tok, tmp_path, "hf", "engine.name=hf")
+    assert [h["rm_score"] for h in hf["history"]] == _rescore(cfg, hf, None)
+    assert "selection samples: engine: hf (set)" in (tmp_path / "hf" / "log.txt").read_text()
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    _, auto = _sft_rm_run(d, tok, tmp_path, "auto")  # SFT's default: auto
+    assert [h["rm_score"] for h in auto["history"]] == [h["rm_score"] for h in hf["history"]]
+    assert auto["best"]["epoch"] == hf["best"]["epoch"]
+    assert "engine: hf (engine.name=auto and vllm is not installed" in (tmp_path / "auto" / "log.txt").read_text()
+
+
+def test_vllm_sft_rm_score_selection_samples_with_the_engine(tiny, tmp_path):
+    """sft engine.name=vllm: the selection's responses come from the process's engine (synced with each
+    checkpoint), seeded: re-scoring with vllm gives the same numbers, the built-in sampler other ones."""
+    pytest.importorskip("vllm")
+    import yaml
+
+    d, tok, _ = tiny
+    cfg, sel = _sft_rm_run(d, tok, tmp_path, "v", "engine.name=vllm")
+    scores = [h["rm_score"] for h in sel["history"]]
+    assert len(scores) == 2 and all(np.isfinite(scores)) and sel["best"]["rm_score"] == max(scores)
+    assert "selection samples: engine: vllm (set)" in (tmp_path / "v" / "log.txt").read_text()
+    assert yaml.safe_load((tmp_path / "v" / "config.yaml").read_text())["engine"]["name"] == "vllm"
+    assert scores == _rescore(cfg, sel, EngineSettings(name="vllm"))
+    assert scores != _rescore(cfg, sel, None)
+
+
+def test_vllm_kv_cache_too_big_or_too_small_is_a_clear_error_and_the_next_start_works(tiny, monkeypatch):
+    """More KV cache than free RAM: refused before vLLM starts. Too little for one max_model_len
+    sequence: vLLM's error, as one line naming the keys; a later engine in the process starts fine."""
+    pytest.importorskip("vllm")
+    from instructrl.engines import close_engine
+
+    _, tok, model = tiny
+    close_engine()
+    with pytest.raises(ConfigError, match=r"more than the .* GiB of RAM free now: set a smaller engine\.kv_cache_gib"):
+        engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=1e6), "fp32")
+    with monkeypatch.context() as m:  # vLLM's older switch wins over ours: checked as what vLLM will use
+        m.setenv("VLLM_CPU_KVCACHE_SPACE", "100000")
+        with pytest.raises(ConfigError, match=r"KV cache \(100000\.00 GiB\) is more than"):
+            engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
+    for gib in (2e-4, 1e-5):  # a few blocks, under 512 tokens; less than one block
+        with pytest.raises(ConfigError, match=r"cannot hold one sequence of max_model_len.*engine\.max_model_len"):
+            engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=gib, max_model_len=512), "fp32")
+    eng = engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
+    s = SamplingSettings(8, temperature=0)
+    want = HFEngine(model, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
+    assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
+    close_engine()

@@ -187,6 +187,16 @@ def test_processes_that_do_not_split_a_batch_are_refused_before_any_stage(tiny_m
     assert not (tmp_path / "run" / "sft").exists()
 
 
+def test_sft_engine_comes_from_the_pipeline_engine(tiny_model_dir, tmp_path):
+    """SFT's rm_score selection samples with the pipeline's engine: sft.engine is derived, setting it is refused."""
+    from instructrl.pipeline import sft_stage_config
+
+    cfg = tiny(tiny_model_dir, tmp_path / "run", "engine.name=hf")
+    assert cfg.sft.engine.name == "hf" and sft_stage_config(cfg, "base").engine.name == "hf"
+    with pytest.raises(ConfigError, match=r"sft\.engine is set by the pipeline.*set engine instead"):
+        tiny(tiny_model_dir, tmp_path / "run", "engine.name=auto", "sft.engine.name=hf")
+
+
 def test_engine_auto_is_resolved_once_for_every_stage_and_saved(tiny_model_dir, tmp_path, monkeypatch):
     """engine.name=auto (and eval.engine.name=auto) where vllm is absent: hf, said once, saved resolved."""
     import yaml
@@ -197,8 +207,10 @@ def test_engine_auto_is_resolved_once_for_every_stage_and_saved(tiny_model_dir, 
     out = tmp_path / "run"
     run_pipeline(tiny(tiny_model_dir, out, "engine.name=auto", "eval.engine.name=auto", "only=prompts"))
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["engine"]["name"] == saved["eval"]["engine"]["name"] == saved["ppo"]["engine"]["name"] == "hf"
+    assert (saved["engine"]["name"] == saved["eval"]["engine"]["name"] == saved["ppo"]["engine"]["name"]
+            == saved["sft"]["engine"]["name"] == "hf")
     said = [x for x in (out / "log.txt").read_text().splitlines() if "engine.name=auto" in x]
-    assert len(said) == 1 and said[0].endswith("sampling (drafts, K samples, PPO rollouts) engine: hf (engine.name=auto "
+    assert len(said) == 1 and said[0].endswith("sampling (drafts, K samples, SFT rm_score selection, PPO rollouts) "
+                                               "engine: hf (engine.name=auto "
                                                "and vllm is not installed here: docs/vllm.md); evaluation engine: hf "
                                                "(engine.name=auto and vllm is not installed here: docs/vllm.md)"), said

@@ -53,8 +53,13 @@ class EngineSettings:
     name: Literal["auto", "hf", "vllm"] = param(
         "hf", "generation engine: hf = the built-in sampler (rollout.sample), vllm = vLLM in this process "
               "(needs vllm installed: docs/vllm.md), auto = vllm where it is importable, else hf")
-    gpu_memory_utilization: float = param(0.0, "vllm: share of memory for its KV cache (on CPU: of RAM); "
-                                               "0 = 0.2 on CPU, 0.5 on CUDA", min=0, max=1)
+    gpu_memory_utilization: float = param(0.0, "vllm: share of memory for its KV cache (on CPU: of total RAM, "
+                                               "fixed in GiB at start, so the trainer's models in the process do "
+                                               "not count against it); 0 = 0.2 on CPU, 0.5 on CUDA; "
+                                               "ignored when kv_cache_gib is set", min=0, max=1)
+    kv_cache_gib: float = param(0.0, "vllm: the KV cache's size in GiB (vLLM's kv_cache_memory_bytes); 0 = "
+                                     "gpu_memory_utilization's share. It must hold one max_model_len sequence; "
+                                     "more lets more sequences run at once (docs/vllm.md)", min=0)
     enforce_eager: bool = param(True, "vllm: no torch.compile (starts much sooner; docs/vllm.md compares both)")
     dtype: Literal["auto", "float32", "bfloat16"] = param("auto", "vllm: weights and activations; auto = the "
                                                                    "command's precision (bf16 -> bfloat16)")
@@ -102,18 +107,38 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def resolve_engine(settings: EngineSettings) -> tuple[EngineSettings, str]:
+def resolve_engine(settings: EngineSettings | None) -> tuple[EngineSettings, str]:
     """``settings`` with ``auto`` replaced by the engine it means here, and a line saying which and why.
 
-    auto = vllm when the package can be found (``find_spec``, no import), else hf. Called once where
-    a command starts (not in ``validate``: the answer depends on the venv, not on the config)."""
+    The one place ``auto`` is decided: auto = vllm when the package can be found (``find_spec``, no
+    import), else hf; None (a library caller with no engine section) = hf. Commands call it once where
+    they start and log the line in their run folder (not in ``validate``: the answer depends on the
+    venv, not on the config); library functions call :func:`resolved`."""
     from dataclasses import replace
 
+    if settings is None:
+        return EngineSettings(name="hf"), "engine: hf (no engine section given)"
     if settings.name != "auto":
         return settings, f"engine: {settings.name} (set)"
     if vllm_available():
         return replace(settings, name="vllm"), "engine: vllm (engine.name=auto and vllm is importable here)"
     return replace(settings, name="hf"), "engine: hf (engine.name=auto and vllm is not installed here: docs/vllm.md)"
+
+
+_SAID: set[str] = set()  # the auto lines already printed by this process
+
+
+def resolved(settings: EngineSettings | None) -> EngineSettings:
+    """:func:`resolve_engine` for library functions (``generate_texts``, ``evaluation.sampling.generate``,
+    :func:`engine_for`): the settings with ``auto`` decided, and for ``auto`` its line on stderr once per
+    process (a caller looping over batches is told once, not once a batch)."""
+    import sys
+
+    out, why = resolve_engine(settings)
+    if settings is not None and settings.name == "auto" and why not in _SAID:
+        _SAID.add(why)
+        print(f"[instructrl] {why}", file=sys.stderr)
+    return out
 
 
 def concat_generations(parts: Sequence[Generation], pad_id: int) -> Generation:
@@ -213,6 +238,9 @@ class VLLMEngine:
         self._key: tuple | None = None  # what engine_for built it for
         self.llm = _start_vllm(self.path, settings, self.dtype, seed)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        # what the KV cache got (VLLM_CPU_KVCACHE_SPACE, if set, overrides ours); None = vLLM's own rule (CUDA)
+        kv = self.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes
+        self.kv_cache_gib = None if kv is None else kv / GiB
 
     def generate(self, prompt_ids: Sequence[list[int]], s: SamplingSettings) -> Generation:
         from vllm import SamplingParams
@@ -281,24 +309,70 @@ class VLLMEngine:
         finally:
             del llm
             gc.collect()
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+            _tear_down_parallel_state()
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
+
+def _tear_down_parallel_state() -> None:
+    """vLLM's process-wide distributed state, which a second engine in the process would find set."""
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
+
+
+GiB = 2**30
+MEMORY_KEYS = "engine.kv_cache_gib (GiB) or engine.gpu_memory_utilization (share of RAM)"
+
+
+def kv_cache_bytes(settings: EngineSettings, cuda: bool, total_ram: int) -> int | None:
+    """The KV cache size to ask vLLM for (``kv_cache_memory_bytes``); None = its gpu_memory_utilization rule.
+
+    On CPU it is always a size: vLLM's own rule reserves ``gpu_memory_utilization`` x RAM for the
+    whole process and gives the KV cache what is left after the process's resident memory, so with a
+    trainer's models in the process (PPO at SmolLM2 size: ~5 GB) nothing is left and it refuses to start
+    ("... less than requested memory for kv (-0.51/4.71 GiB)"). Here the share is of total RAM, for
+    the KV cache alone. On CUDA: kv_cache_gib if set, else vLLM's rule."""
+    if settings.kv_cache_gib > 0:
+        return int(settings.kv_cache_gib * GiB)
+    if cuda:
+        return None
+    return int((settings.gpu_memory_utilization or 0.2) * total_ram)
+
+
+def explain_start_error(e: Exception, kv_bytes: int | None) -> ConfigError | None:
+    """vLLM's memory errors at start as one line naming our keys (None: not one of them)."""
+    msg = str(e)
+    asked = f"{kv_bytes / GiB:.2f} GiB" if kv_bytes else "its share"
+    if "Available memory on node" in msg:
+        return ConfigError(f"engine: the vLLM KV cache ({asked}) does not fit in the memory free now: set a "
+                           f"smaller {MEMORY_KEYS}, e.g. engine.kv_cache_gib=2, or free memory (vLLM: {msg})")
+    if "To serve at least one request" in msg or "No available memory for the cache blocks" in msg:
+        return ConfigError(f"engine: the vLLM KV cache ({asked}) cannot hold one sequence of max_model_len "
+                           f"tokens: raise {MEMORY_KEYS}, or lower engine.max_model_len (vLLM: {msg})")
+    return None
 
 
 def _start_vllm(path: str, settings: EngineSettings, dtype: str, seed: int):
     """``vllm.LLM(path)`` in this process, leaving the process's RNGs and thread settings as they were."""
     import numpy as np
+    import psutil
 
     if not vllm_available():
         raise ConfigError(f"engine.name=vllm but vllm is not importable here: {VLLM_INSTALL}")
+    cuda = torch.cuda.is_available()
+    ram = psutil.virtual_memory()
+    kv_bytes = kv_cache_bytes(settings, cuda, ram.total)
+    if not cuda and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's older switch (GiB) wins over ours
+        kv_bytes = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * GiB
+    if not cuda and kv_bytes > ram.available:  # vLLM's own check, but before it loads the model
+        raise ConfigError(f"engine: the vLLM KV cache ({kv_bytes / GiB:.2f} GiB) is more than the "
+                          f"{ram.available / GiB:.2f} GiB of RAM free now: set a smaller {MEMORY_KEYS}, "
+                          f"e.g. engine.kv_cache_gib=2")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: sync_weights reaches the model directly
     # vLLM sets torch to 1 thread in-process unless OMP_NUM_THREADS is set: keep the process's count
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     threads, set_threads = torch.get_num_threads(), torch.set_num_threads
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    cuda = torch.cuda.is_available()
     util = settings.gpu_memory_utilization or (0.5 if cuda else 0.2)
     try:
         from vllm import LLM
@@ -308,9 +382,16 @@ def _start_vllm(path: str, settings: EngineSettings, dtype: str, seed: int):
         # must fit the longest sequence, hence the token budget.
         max_len = settings.max_model_len or _arch(path).get("max_position_embeddings", 8192)
         return LLM(model=path, skip_tokenizer_init=True, dtype=dtype, gpu_memory_utilization=util,
+                   kv_cache_memory_bytes=kv_bytes,
                    enforce_eager=settings.enforce_eager, seed=seed, max_model_len=settings.max_model_len or None,
                    enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, 1024),
                    generation_config="vllm", logprobs_mode="processed_logprobs")
+    except ValueError as e:
+        clear = explain_start_error(e, kv_bytes)
+        if clear is None:
+            raise
+        _tear_down_parallel_state()  # a half-started engine: the next start in this process begins clean
+        raise clear from None
     finally:
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
@@ -327,11 +408,13 @@ _VLLM: VLLMEngine | None = None
 
 
 def _arch(path: str | Path) -> dict:
-    """What an engine built from ``path`` depends on: its config.json less names and versions."""
+    """What an engine built from ``path`` depends on: its config.json less names, versions and HF-only
+    switches (training saves ``use_cache: false``; vLLM keeps its own KV cache), so the SFT model
+    reuses the engine its base model started."""
     import json
 
     cfg = json.loads((Path(path) / "config.json").read_text())
-    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"):
         cfg.pop(k, None)
     return cfg
 
@@ -346,12 +429,8 @@ def engine_for(model, tok, settings: EngineSettings | None, precision: str = "fp
     on every call, since an in-memory model may differ from its folder (a model being trained).
     """
     global _VLLM
-    if settings is not None and settings.name == "auto":
-        import sys
-
-        settings, why = resolve_engine(settings)
-        print(f"[instructrl] {why}", file=sys.stderr)
-    if settings is None or settings.name == "hf":
+    settings = resolved(settings)
+    if settings.name == "hf":
         dtype = torch.bfloat16 if precision == "bf16" else None
         return HFEngine(model, tok.eos_token_id, tok.pad_token_id, autocast_dtype=dtype, batch_size=batch_size,
                         generator=generator)
@@ -359,7 +438,7 @@ def engine_for(model, tok, settings: EngineSettings | None, precision: str = "fp
     if not path or not (Path(path) / "config.json").exists():
         raise ConfigError(f"engine.name=vllm needs a model loaded from a folder with config.json, got {path!r}")
     key = (_arch(path), tok.eos_token_id, tok.pad_token_id, vllm_dtype(settings, precision),
-           settings.gpu_memory_utilization, settings.enforce_eager, settings.max_model_len)
+           settings.gpu_memory_utilization, settings.kv_cache_gib, settings.enforce_eager, settings.max_model_len)
     if _VLLM is None or _VLLM._key != key:
         close_engine()
         _VLLM = VLLMEngine(path, tok.eos_token_id, tok.pad_token_id, settings, precision)

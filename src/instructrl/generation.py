@@ -33,17 +33,19 @@ def generate_texts(
 
     temperature 0 means greedy decoding. Prompts longer than ``max_prompt_tokens``
     keep their last tokens (the truncation rule of :mod:`instructrl.formatting`).
-    ``engine`` picks the sampler (:mod:`instructrl.engines`; None = the built-in one); with vLLM
+    ``engine`` picks the sampler (:mod:`instructrl.engines`; None = the built-in one, auto = vLLM where
+    it is importable, said once on stderr); with vLLM
     the engine samples ``model``'s current weights and batches on its own (``batch_size`` unused).
     """
     from tqdm.auto import tqdm
 
-    from instructrl.engines import SamplingSettings, engine_for
+    from instructrl.engines import SamplingSettings, engine_for, resolved
 
+    engine = resolved(engine)  # auto decided here as everywhere (engines.resolve_engine)
     model.eval()
     encoded = [encode_prompt_for_sampling(tok, m, max_prompt_tokens) for m in prompts]
     results: list[list[str]] = [[] for _ in prompts]
-    if engine is not None and engine.name == "vllm":
+    if engine.name == "vllm":
         eng = engine_for(model, tok, engine, precision)
         g = eng.generate(encoded, SamplingSettings(max_new_tokens, temperature, n=n_per_prompt, seed=seed))
         for row, text in enumerate(decode_responses(tok, g.response, g.response_mask)):
@@ -53,7 +55,8 @@ def generate_texts(
     # Longest first: similar lengths share a batch, less padding.
     jobs.sort(key=lambda j: -len(j[1]))
     # one stream across the batches (seed=None below), as rollout.sample always drew here
-    eng = engine_for(model, tok, None, precision, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
+    eng = engine_for(model, tok, engine, precision, batch_size=batch_size,
+                     generator=torch.Generator().manual_seed(seed))
     for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch", leave=False):
         chunk = jobs[start:start + batch_size]
         g = eng.generate([e for _, e in chunk], SamplingSettings(max_new_tokens, temperature))

@@ -170,7 +170,7 @@ class PipelineConfig:
                                      "the next round's rankings")
     data: PipelineData = param(PipelineData(), "prompts, users, rankings")
     sft: SFTConfig = param(factory=_sft_defaults, help="stage 3, `instructrl sft`; the pipeline sets its paths, seed, "
-                                                      "device and precision")
+                                                      "device, precision and engine")
     rm: RMConfig = param(factory=_rm_defaults, help="stage 5, `instructrl rm`, from the SFT model; the pipeline sets "
                                                    "its paths, seed, device and precision")
     ppo: PPOConfig = param(factory=_ppo_defaults, help="stage 6, `instructrl ppo`, one run per variant and round; the "
@@ -182,8 +182,8 @@ class PipelineConfig:
     eval: EvalConfig = param(factory=_eval_defaults, help="stage 7, `instructrl eval`; the pipeline sets its "
                                                          "policies, tasks, models, paths, seeds, device and precision")
     engine: EngineSettings = param(EngineSettings(), "the sampler of the demonstrations' drafts, the rankings' "
-                                                     "K samples and PPO's rollouts (stage 7 has eval.engine): hf or "
-                                                     "vllm (docs/vllm.md)")
+                                                     "K samples, SFT's rm_score selection and PPO's rollouts (stage 7 "
+                                                     "has eval.engine): hf or vllm (docs/vllm.md)")
 
     def fill(self):
         """Set the keys the pipeline derives in every stage config (round 1's values), before they validate."""
@@ -230,7 +230,7 @@ def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConf
 
 # Per stage, the dotted keys `*_stage_config` sets; setting one yourself is an error (it would be ignored).
 DERIVED = {
-    "sft": ("model", "output_dir", "device", "overwrite", "data.train", "train.precision", "train.seed"),
+    "sft": ("model", "output_dir", "device", "overwrite", "data.train", "train.precision", "train.seed", "engine"),
     "rm": ("model", "output_dir", "device", "overwrite", "data.train", "data.demonstrations", "train.precision", "train.seed"),
     "ppo": ("policy", "reference", "reward_model", "prompts", "ptx_data", "output_dir", "out", "overwrite", "seed", "device",
             "rollout.max_new_tokens", "train.precision", "engine"),
@@ -240,7 +240,7 @@ DERIVED = {
 }
 DERIVED_FROM = {"sft.model": "model", "rm.model": "model", "ppo.policy": "model", "sft.device": "device",
                 "ppo.rollout.max_new_tokens": "data.max_new_tokens", "sft.train.seed": "data.seed",
-                "sft.output_dir": "output_dir", "eval.output_dir": "output_dir", "ppo.output_dir": "output_dir", "ppo.out": "output_dir", "ppo.engine": "engine",
+                "sft.output_dir": "output_dir", "eval.output_dir": "output_dir", "ppo.output_dir": "output_dir", "ppo.out": "output_dir", "ppo.engine": "engine", "sft.engine": "engine",
                 "sft.train.precision": "precision", "rm.train.precision": "precision",
                 "ppo.train.precision": "precision", "eval.precision": "precision"}
 
@@ -256,7 +256,8 @@ def sft_stage_config(cfg: PipelineConfig, base: str) -> SFTConfig:
     # the pipeline's state.json says which stages finished: a stage it runs again starts over in its folder
     return replace_keys(cfg.sft, {"model": base, "output_dir": str(out / "sft"), "device": cfg.device, "overwrite": True,
                                   "data.train": str(data_dir / "demonstrations.jsonl"),
-                                  "train.precision": cfg.precision, "train.seed": cfg.data.seed})
+                                  "train.precision": cfg.precision, "train.seed": cfg.data.seed,
+                                  "engine": cfg.engine})  # its rm_score selection samples with the pipeline's engine
 
 
 def _round1_rm_paths(cfg: PipelineConfig) -> tuple:
@@ -404,7 +405,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     cfg.fill()  # the stage configs carry the resolved precision and engine too
     run = RunDir(out)
     run.save_config(cfg)
-    run.info(f"sampling (drafts, K samples, PPO rollouts) {engine_why}; evaluation {eval_engine_why}")
+    run.info(f"sampling (drafts, K samples, SFT rm_score selection, PPO rollouts) {engine_why}; "
+             f"evaluation {eval_engine_why}")
     (out / "data").mkdir(parents=True, exist_ok=True)
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     p = PipelineRun(cfg, out, out / "data", run, State(out / "state.json"), timings,

@@ -72,16 +72,17 @@ def generate(model, tok, prompt_ids: Sequence[list[int]], *, max_new_tokens: int
              engine: EngineSettings | None = None) -> Samples:
     """Answer every prompt with a generation engine (default ``rollout.sample``); optionally the KL to ``ref``.
 
-    Built-in sampler: prompts are batched in order of length (less padding). vLLM (``engine.name=vllm``)
-    samples ``model``'s current weights, all prompts in one call. Answers are returned in prompt order.
+    Built-in sampler: prompts are batched in order of length (less padding). vLLM (``engine.name=vllm``,
+    or auto where vllm is importable: :func:`instructrl.engines.resolved`) samples ``model``'s current weights, all prompts in one call. Answers are returned in prompt order.
     Greedy decoding is top-k = 1. With ``ref``, each answer's sequence KL is computed from the same
     logits PPO uses (temperature-scaled; T = 1 when greedy), by Hugging Face forwards whatever the
     engine. ``model`` (and ``ref``) must be on ``rt.device``.
     """
     from tqdm.auto import tqdm
 
-    from instructrl.engines import SamplingSettings, engine_for
+    from instructrl.engines import SamplingSettings, engine_for, resolved
 
+    engine = resolved(engine)  # auto decided here as everywhere (engines.resolve_engine)
     model.eval()
     if ref is not None:
         ref.eval()
@@ -89,14 +90,14 @@ def generate(model, tok, prompt_ids: Sequence[list[int]], *, max_new_tokens: int
     out = Samples([""] * n, [0] * n, [False] * n, [0.0] * n if ref is not None else None)
     t_lp = 1.0 if greedy else temperature
     settings = SamplingSettings(max_new_tokens, 0.0 if greedy else temperature)
-    if engine is not None and engine.name == "vllm":
+    if engine.name == "vllm":
         g = engine_for(model, tok, engine, rt.precision).generate(list(prompt_ids), replace(settings, seed=seed))
         g = replace(g, **{f.name: getattr(g, f.name).to(rt.device) for f in fields(g) if getattr(g, f.name) is not None})
         kl = _batch_kl(model, ref, g, t_lp, micro_batch_size, rt) if ref is not None else None
         _fill(out, tok, list(range(n)), g, kl)
         return out
     gen = torch.Generator(device=rt.device).manual_seed(seed)  # rollout draws on the logits' device
-    eng = engine_for(model, tok, None, rt.precision, batch_size=batch_size, generator=gen)
+    eng = engine_for(model, tok, engine, rt.precision, batch_size=batch_size, generator=gen)
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
     bar = tqdm(total=n, desc=desc, disable=desc is None, leave=False, dynamic_ncols=True)
     for start in range(0, n, batch_size):

@@ -61,11 +61,10 @@ class Generator:
 
     def __init__(self, model: str | None, cfg: GenConfig, rt=None):
         import random
-        import sys
 
         import torch
 
-        from instructrl.engines import engine_for, resolve_engine
+        from instructrl.engines import engine_for, resolved
         from instructrl.models import load_causal_lm, load_tokenizer
         from instructrl.runtime import make_runtime
 
@@ -76,9 +75,7 @@ class Generator:
         self.model = load_causal_lm(model).to(self.rt.device).eval()  # fp32 master weights; bf16 via autocast
         self.lock = threading.Lock()
         torch.manual_seed(cfg.seed)
-        self.engine, why = resolve_engine(cfg.engine)  # `label serve` passes it resolved; auto said once here
-        if cfg.engine.name == "auto":
-            print(f"[instructrl] label: {why}", file=sys.stderr)
+        self.engine = resolved(cfg.engine)  # `label serve` passes it resolved; auto said once (stderr) here
         if self.engine.name == "vllm":
             self._rng = random.Random(cfg.seed)  # this Generator's request seeds: its replies follow its seed
             with _VLLM_LOCK:  # start the engine now: a model vLLM cannot load fails before any job runs

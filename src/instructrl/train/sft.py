@@ -16,7 +16,8 @@ help RM score and human preference). Loss is on response tokens only.
 5. after each epoch: validation loss, checkpoint (atomic; with its optimizer, schedule
    and RNG state, so ``--resume`` continues from the last finished epoch exactly)
 6. selection: best epoch by validation loss, or by mean RM score of sampled
-   responses on validation prompts when ``select.reward_model`` is given
+   responses on validation prompts when ``select.reward_model`` is given (sampled by
+   the ``engine`` section's engine: the built-in sampler or vLLM, docs/vllm.md)
 
 With ``train.lora.rank`` > 0 (docs/lora.md) only LoRA adapters train, checkpoints hold the
 adapter alone, ``model/`` is the selected epoch merged into a plain Hugging Face folder and
@@ -42,6 +43,7 @@ from instructrl.config import check, overwrite_field, param
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.data import Demonstration, load_demonstrations
+from instructrl.engines import EngineSettings
 from instructrl.formatting import Example, TruncationStats, build_example, collate_examples
 from instructrl.io import DataError, RunDir, atomic_dir, atomic_write_text
 from instructrl.core.losses import sft_loss
@@ -135,6 +137,9 @@ class SFTConfig:
     data: SFTData = param(SFTData(), "demonstration data")
     train: SFTTrain = param(SFTTrain(), "optimisation")
     select: SFTSelect = param(SFTSelect(), "checkpoint selection")
+    engine: EngineSettings = param(
+        EngineSettings(name="auto"), "the sampler of select.metric=rm_score's responses: auto = vLLM where it is "
+                                     "importable, else the built-in sampler (docs/vllm.md); unused for val_loss")
 
 
 # ---------------------------------------------------------------------------
@@ -286,12 +291,14 @@ def train_sft(cfg: SFTConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from instructrl.engines import resolve_engine
     from instructrl.lora import check_model_targets
     from instructrl.models import load_tokenizer, make_adamw, resolve_model
 
     # 1. set-up ------------------------------------------------------------
     rt = make_runtime(cfg.device, cfg.train.precision)
     cfg.train.precision = rt.precision  # saved resolved, so the run folder says what ran
+    cfg.engine, engine_why = resolve_engine(cfg.engine)  # auto -> vllm or hf here, saved resolved too
     tc = cfg.train
     accelerator = setup_accelerator(rt, tc.batch_size)
     set_seed(tc.seed)
@@ -390,9 +397,10 @@ def train_sft(cfg: SFTConfig) -> Path:
     final = Path(cfg.output_dir) / "model"
     if accelerator.is_main_process:
         if cfg.select.metric == "rm_score":
+            run.info(f"selection samples: {engine_why}")
             for entry in history:
                 entry["rm_score"] = rm_score_checkpoint(entry["checkpoint"], cfg.model, val_demos, cfg.select,
-                                                        tc.seed, rt)
+                                                        tc.seed, rt, cfg.engine)
                 run.info(f"epoch {entry['epoch']}: mean RM score {entry['rm_score']:.4f}")
             best = max(history, key=lambda e: e["rm_score"])
         else:
@@ -407,11 +415,13 @@ def train_sft(cfg: SFTConfig) -> Path:
 
 
 def rm_score_checkpoint(checkpoint: str, base: str, val_demos: list[Demonstration], sel: SFTSelect, seed: int,
-                        rt: Runtime) -> float:
+                        rt: Runtime, engine: EngineSettings | None = None) -> float:
     """Mean reward-model score of responses sampled from ``checkpoint`` on validation prompts.
 
     This is how InstructGPT selects its SFT model (§3.5): validation loss keeps
     rising after epoch 1 while RM score and human preference keep improving.
+    ``engine`` samples them (None or hf: the built-in sampler, as before engines existed; vllm: the
+    process's engine, started once and synced with each checkpoint's weights).
     """
     from instructrl.formatting import pad
     from instructrl.generation import generate_texts
@@ -423,7 +433,7 @@ def rm_score_checkpoint(checkpoint: str, base: str, val_demos: list[Demonstratio
     rm = load_reward_model(sel.reward_model).to(rt.device).eval()
     prompts = [d.messages for d in val_demos[: sel.num_prompts]]
     responses = [r[0] for r in generate_texts(policy, tok, prompts, sel.max_new_tokens, seed=seed,
-                                              precision=rt.precision, desc="rm-score samples")]
+                                              precision=rt.precision, desc="rm-score samples", engine=engine)]
     # The RM reads the same token layout the policy emits: formatting's one rule (response + EOS).
     seqs = [build_example(tok, m, r or " ", 10**6).input_ids for m, r in zip(prompts, responses)]
     scores = []
