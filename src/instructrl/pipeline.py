@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 from instructrl.config import ConfigError, check, get_key, load_config, param, replace_keys
 from instructrl.engines import EngineSettings, resolve_engine
 from instructrl.evaluation.evaluate import EvalConfig
-from instructrl.io import RunDir, atomic_write_text, read_jsonl, write_jsonl
+from instructrl.io import OutputError, RunDir, atomic_write_text, read_jsonl, write_jsonl
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.train.dpo import DPOConfig
 from instructrl.train.ppo import PPOConfig
@@ -243,6 +243,7 @@ DERIVED_FROM = {"sft.model": "model", "rm.model": "model", "ppo.policy": "model"
                 "sft.output_dir": "output_dir", "eval.output_dir": "output_dir", "ppo.output_dir": "output_dir", "ppo.out": "output_dir", "ppo.engine": "engine",
                 "sft.train.precision": "precision", "rm.train.precision": "precision",
                 "ppo.train.precision": "precision", "eval.precision": "precision"}
+PipelineConfig.DERIVED_FROM = DERIVED_FROM  # config.qualify_keys: a stage's error names the key the user sets
 
 
 def _paths(cfg: PipelineConfig) -> tuple[Path, Path]:
@@ -396,8 +397,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     out = Path(cfg.output_dir)
     if out.exists() and (out / "state.json").exists() and not (cfg.resume or cfg.only):
-        raise SystemExit(f"instructrl: {out} already holds a pipeline run; add --resume to continue it, "
-                         f"only=STAGE to re-run one stage, or choose another output_dir=")
+        raise OutputError(out, "already holds a pipeline run; add --resume to continue it, "
+                               "only=STAGE to re-run one stage, or choose another output_dir=")
     cfg.precision = make_runtime(cfg.device, cfg.precision).precision  # once, for every stage; saved resolved
     cfg.engine, engine_why = resolve_engine(cfg.engine)  # auto -> what it means in this venv, saved resolved
     cfg.eval.engine, eval_engine_why = resolve_engine(cfg.eval.engine)
