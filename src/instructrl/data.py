@@ -462,7 +462,7 @@ def require_rows(rows: list, src: Source, what: str, minimum: int = 1) -> list:
     if len(rows) < minimum:
         name = str(src) if isinstance(src, (str, Path)) else f"dataset {type(src).__name__}"
         need = "at least one" if minimum == 1 else f"at least {minimum}"
-        raise DataError(name, None, None, f"needs {need} {what}, found {len(rows)}")
+        raise DataError(name, None, None, f"needs {need} {what}{'' if minimum == 1 else '(s)'}, found {len(rows)}")
     return rows
 
 

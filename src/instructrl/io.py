@@ -207,6 +207,15 @@ class OutputError(DataError):
         super().__init__(str(path), None, None, message)
 
 
+def require_folder_path(path: str | Path, key: str = "output_dir") -> Path:
+    """``path`` as a Path, or OutputError when it names an existing file: checked where a command
+    starts, before any model loads, not when the first output is written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(path, f"exists and is not a folder; choose another {key}=")
+    return path
+
+
 # atomic_dir writes this file into every folder it creates; a folder carrying it may be replaced.
 OUTPUT_MARKER = ".instructrl-output"
 _RENAME_EXCHANGE = 2  # linux/fs.h

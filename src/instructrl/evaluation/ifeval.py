@@ -13,7 +13,7 @@ from instructrl.config import ConfigError, check, param
 from instructrl.engines import EngineSettings
 from instructrl.evaluation.report import json_safe
 from instructrl.evaluation.sampling import generate_responses
-from instructrl.runtime import Precision, device_field, make_runtime, precision_field
+from instructrl.runtime import Precision, device_field, make_runtime, precision_field, set_threads
 
 
 @dataclass
@@ -52,8 +52,7 @@ def run_ifeval(cfg: IFEvalConfig) -> dict:
 
     cfg.engine, why = resolve_engine(cfg.engine)  # auto -> vllm or hf, once; saved resolved in ifeval.json
     print(f"[ifeval] {why}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     rows = load_ifeval(cfg.data)
     if cfg.limit:
         rows = rows[: cfg.limit]
