@@ -179,6 +179,8 @@ def parse_messages(value: Any, src: str, line: int, key: str) -> Messages:
             raise DataError(src, line, f"{f}.role", f"must be one of {list(ROLES)}, got {m['role']!r}")
         if not isinstance(m["content"], str):
             raise DataError(src, line, f"{f}.content", "must be a string")
+        if m["role"] == "user" and is_blank(m["content"]):  # a system message may be empty; a question may not
+            raise DataError(src, line, f"{f}.content", "is empty")
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] == "assistant":
         raise DataError(src, line, key, "the last prompt message must not be the assistant's (that is the response)")

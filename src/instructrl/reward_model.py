@@ -139,7 +139,10 @@ def check_reward_model(path: str | Path, key: str) -> None:
 
     from instructrl.models import LOAD_ERRORS, ModelLoadError, hub_error, resolve_model
 
-    p = resolve_model(str(path))
+    try:
+        p = resolve_model(str(path))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{key}: {e}") from None
     try:
         config = AutoConfig.from_pretrained(p)
     except LOAD_ERRORS as e:
