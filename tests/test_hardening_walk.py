@@ -389,3 +389,37 @@ def test_rm_with_an_empty_demonstrations_file_is_refused(tiny_model_dir, tmp_pat
                                   f"data.demonstrations={empty}", f"output_dir={tmp_path / 'run'}"])
     assert f"{empty}: needs at least one demonstration, found 0" in err, err
     assert not (tmp_path / "run" / "model").exists()
+
+
+# --- "SFT on nothing reports success": every stage refuses an empty input file ------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_model_dir, tmp_path_factory):
+    from instructrl.models import load_tokenizer
+    from instructrl.reward_model import init_reward_model, save_reward_model
+
+    path = tmp_path_factory.mktemp("rm") / "model"
+    save_reward_model(init_reward_model(tiny_model_dir), load_tokenizer(str(tiny_model_dir)), path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "ppo", "rm eval", "eval", "eval ifeval", "data prepare"])
+def test_every_stage_refuses_an_empty_input_file(command, tiny_model_dir, tiny_rm, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")  # blank lines only
+    out = f"output_dir={tmp_path / 'out'}"
+    argv = {"sft": ["sft", f"model={tiny_model_dir}", f"data.train={empty}", out],
+            "rm": ["rm", f"model={tiny_model_dir}", f"data.train={empty}", out],
+            "dpo": ["dpo", f"model={tiny_model_dir}", f"data.train={empty}", out],
+            "ppo": ["ppo", f"policy={tiny_model_dir}", f"reward_model={tiny_rm}", f"prompts={empty}", "engine.name=hf",
+                    out],
+            "rm eval": ["rm", "eval", f"model={tiny_rm}", f"data={empty}", out],
+            "eval": ["eval", f"policies={{sft: {tiny_model_dir}}}", "baseline=sft", f"tasks={empty}",
+                     f"reward_model={tiny_rm}", out],
+            "eval ifeval": ["eval", "ifeval", f"model={tiny_model_dir}", f"data={empty}", out],
+            "data prepare": ["data", "prepare", f"input={empty}", f"out={tmp_path / 'out'}"]}[command]
+    err = one_line_error(capsys, argv)
+    assert str(empty) in err and any(w in err for w in ("no ", "needs at least", "empty")), err
+    for saved in ("model", "policy", "eval.json", "report.json", "ifeval.json", "train.jsonl"):
+        assert not (tmp_path / "out" / saved).exists()
