@@ -13,7 +13,7 @@ import typing
 import pytest
 
 from instructrl.cli import COMMANDS, main
-from instructrl.config import ConfigError, load_config
+from instructrl.config import ConfigError
 from instructrl.io import DataError, OutputError, read_jsonl
 
 DEMO = {"prompt": "Say hi.", "response": "Hi there."}
