@@ -128,6 +128,11 @@ def test_text_keys_refuse_nul_non_utf8_and_blank(value, message, capsys):
     assert message in err and "override 'output_dir=" in err, err
 
 
+def test_a_mapping_of_paths_checks_each_path(capsys):
+    err = one_line_error(capsys, ["eval", "policies={sft: \"a\\0b\"}", "tasks=t.jsonl", "reward_model=r"])
+    assert "policies.sft must not contain a NUL character" in err, err
+
+
 def test_data_prepare_out_of_only_spaces_creates_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     src = write_rows(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])

@@ -236,6 +236,10 @@ def _coerce(tp: Any, value: Any, key: str, where: str, from_cli: dict[str, str] 
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        if (typing.get_args(tp) or (Any, Any))[1] is str:  # policies.sft=PATH: a path like any text key
+            for k, v in value.items():
+                if isinstance(v, str):
+                    _check_text(v, f"{key}.{k}", where)
         return dict(value)
     if tp is Any:
         return value
