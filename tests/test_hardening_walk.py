@@ -428,3 +428,39 @@ def test_every_stage_refuses_an_empty_input_file(command, tiny_model_dir, tiny_r
     assert str(empty) in err and any(w in err for w in ("no ", "needs at least", "empty")), err
     for saved in ("model", "policy", "eval.json", "report.json", "ifeval.json", "train.jsonl"):
         assert not (tmp_path / "out" / saved).exists()
+
+
+# --- label serve and model convert: key file, host, a FIFO as the GGUF file -------------------
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "binary"])
+def test_a_key_file_that_is_no_text_file_is_one_line(kind, tmp_path, monkeypatch):
+    from instructrl.labeling.security import SECRET_ENV, load_secret
+
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    key = tmp_path / "secret.key"
+    if kind == "folder":
+        key.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(key)  # reading it would block forever
+    else:
+        key.write_bytes(b"\xff\xfe" * 40)
+    os.chmod(key, 0o700 if kind == "folder" else 0o600)
+    needle = "cannot be read as a text key" if kind == "binary" else "is not a regular file"
+    with pytest.raises(ConfigError, match=f"key_file {re.escape(str(key))} {needle}"):
+        load_secret(f"sqlite:///{tmp_path / 'x.db'}", str(key))
+
+
+def test_a_host_that_does_not_resolve_is_a_config_error():
+    from instructrl.labeling.app import check_host
+
+    with pytest.raises(ConfigError, match=r"host='not a host!!' cannot be used"):
+        check_host("not a host!!", 8000)
+    check_host("127.0.0.1", 8000)
+
+
+def test_model_convert_of_a_fifo_is_refused_unread(tmp_path, capsys):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    err = one_line_error(capsys, ["model", "convert", f"gguf={fifo}", f"out={tmp_path / 'o'}"])
+    assert f"gguf: {fifo} is not a regular file" in err, err

@@ -58,6 +58,8 @@ def check_gguf_file(path: Path) -> None:
         inside = sorted(path.glob("*.gguf"))
         hint = f"; did you mean gguf={inside[0]}?" if inside else ""
         raise ModelLoadError(f"gguf: {path} is a folder, not a GGUF file{hint}")
+    if not path.is_file():  # a FIFO would block the read forever
+        raise ModelLoadError(f"gguf: {path} is not a regular file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":

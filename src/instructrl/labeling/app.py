@@ -111,6 +111,16 @@ def ensure_admin(store: Store, cfg: LabelConfig) -> None:
     print(f"[instructrl] created admin account {cfg.admin_user!r}")
 
 
+def check_host(host: str, port: int) -> None:
+    """ConfigError for a host name that does not resolve: uvicorn would print its own error and exit 3."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"host={host!r} cannot be used: {getattr(e, 'strerror', None) or e}") from None
+
+
 def serve(cfg: LabelConfig) -> None:
     """``instructrl label serve``: run the app with uvicorn (one process; SQLite-safe)."""
     import logging
@@ -120,6 +130,7 @@ def serve(cfg: LabelConfig) -> None:
     from instructrl.engines import resolve_engine
 
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")  # the audit log goes to stderr
+    check_host(cfg.host, cfg.port)
     cfg.gen.engine, why = resolve_engine(cfg.gen.engine)  # once for the app: every Generator gets it resolved
     rt = make_runtime(cfg.device, cfg.precision)
     store = Store(cfg.db, key_file=cfg.key_file)
