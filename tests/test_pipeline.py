@@ -31,7 +31,7 @@ def test_every_preset_parses(preset):
 
 @pytest.mark.parametrize("override, message", [
     ("data.k_min=1", "k_min"), ("data.k_max=3", "k_min"), ("data.n_drafts=0", "n_drafts"),
-    ("data.heldout_user_fraction=1", "heldout_user_fraction"), ("data.n_rm_prompts=1", "n_\\*_prompts"),
+    ("data.heldout_user_fraction=1", "heldout_user_fraction"), ("data.n_rm_prompts=1", "data.n_rm_prompts must be >= 2"),
     ("data.answer_words=5", "answer_words"),
 ])
 def test_bad_data_settings_are_clear_errors(override, message):
