@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from instructrl.config import ConfigError
+from instructrl.io import OutputError
 from instructrl.pipeline import PRESETS, STAGES, load_pipeline_config, run_pipeline
 from instructrl.tasks import load_tasks
 from instructrl.tasks.constraints import satisfies_all
@@ -30,7 +31,7 @@ def test_every_preset_parses(preset):
 
 @pytest.mark.parametrize("override, message", [
     ("data.k_min=1", "k_min"), ("data.k_max=3", "k_min"), ("data.n_drafts=0", "n_drafts"),
-    ("data.heldout_user_fraction=1", "heldout_user_fraction"), ("data.n_rm_prompts=1", "n_\\*_prompts"),
+    ("data.heldout_user_fraction=1", "heldout_user_fraction"), ("data.n_rm_prompts=1", "data.n_rm_prompts must be >= 2"),
     ("data.answer_words=5", "answer_words"),
 ])
 def test_bad_data_settings_are_clear_errors(override, message):
@@ -109,7 +110,7 @@ def test_rounds_accumulate_rankings_and_continue_the_policy(tiny_run):
 
 def test_a_second_start_refuses_resume_skips_and_only_reruns_one_stage(tiny_model_dir, tiny_run, capsys):
     out, _ = tiny_run
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(OutputError, match="already holds a pipeline run; add --resume"):
         run_pipeline(tiny(tiny_model_dir, out, "rounds=2"))
     before = {p: p.stat().st_mtime_ns for p in (out / "sft" / "model").glob("*")}
     run_pipeline(tiny(tiny_model_dir, out, "rounds=2", "resume=true"))

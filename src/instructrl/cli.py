@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"instructrl: error: {where}{e.strerror or e}", file=sys.stderr)
         _log_error_in_run_folder(cfg, e)
         return 2
+    except MemoryError as e:  # a setting too large for this machine (bootstrap=1000000000, a huge batch)
+        msg = f"out of memory{f' ({e})' if str(e) else ''}; lower the sizes in the config (batch sizes, bootstrap, ...)"
+        print(f"instructrl: error: {msg}", file=sys.stderr)
+        _log_error_in_run_folder(cfg, MemoryError(msg))
+        return 2
     except StageFailed as e:
         print(f"instructrl: error: {e}", file=sys.stderr)
         _log_error_in_run_folder(cfg, e)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Hashable
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from instructrl.io import write_yaml
+from instructrl.io import file_kind, write_yaml
 
 T = TypeVar("T")
 
@@ -65,10 +66,17 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     where = "config"  # no file: errors name the dotted key alone
     if path is not None:
         where = str(path)
+        kind = file_kind(Path(path))
+        if kind is not None and kind != "a folder":  # a FIFO would block the read forever
+            raise ConfigError(f"{path}: cannot read config file: it is {kind}, not a regular file")
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+        except UnicodeDecodeError as e:  # a binary file, or one saved as Latin-1 / UTF-16
+            line = text_line(e.object, e.start)
+            raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x}); "
+                              "save the config file as UTF-8") from None
         try:
             raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:  # one line: the file, line and column, and what the parser found
@@ -228,6 +236,10 @@ def _coerce(tp: Any, value: Any, key: str, where: str, from_cli: dict[str, str] 
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        if (typing.get_args(tp) or (Any, Any))[1] is str:  # policies.sft=PATH: a path like any text key
+            for k, v in value.items():
+                if isinstance(v, str):
+                    _check_text(v, f"{key}.{k}", where)
         return dict(value)
     if tp is Any:
         return value
@@ -237,6 +249,8 @@ def _coerce(tp: Any, value: Any, key: str, where: str, from_cli: dict[str, str] 
         raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT64_MAX - 1 <= value <= INT64_MAX:  # torch, numpy and the tokenizers cannot hold it
+                raise ConfigError(f"{where}: {key} must fit in 64 bits, got {value}")
             return value
         raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
     if tp is float:
@@ -250,8 +264,30 @@ def _coerce(tp: Any, value: Any, key: str, where: str, from_cli: dict[str, str] 
         raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+            return _check_text(str(value), key, where)
         raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+    return value
+
+
+INT64_MAX = 2**63 - 1
+
+
+def text_line(data: bytes, offset: int) -> int:
+    """The 1-based line of byte ``offset`` in ``data``."""
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _check_text(value: str, key: str, where: str) -> str:
+    """Text keys are paths, names and URLs: a NUL byte cannot be in any of them (the OS refuses it
+    deep inside a run), and text of only spaces is a slip (``out= ``) that would name a folder '   '."""
+    if "\x00" in value:
+        raise ConfigError(f"{where}: {key} must not contain a NUL character, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        raise ConfigError(f"{where}: {key} is not valid UTF-8 text, got {value!r}") from None
+    if value and not value.strip():
+        raise ConfigError(f"{where}: {key} is only whitespace ({value!r}); leave it empty or give a value")
     return value
 
 
@@ -310,17 +346,19 @@ def _post(cfg: Any, where: str) -> None:
     _walk(cfg, where, ("finalize", "validate"), top_down=False)
 
 
-def _walk(cfg: Any, where: str, hooks: tuple[str, ...], top_down: bool) -> None:
+def _walk(cfg: Any, where: str, hooks: tuple[str, ...], top_down: bool, path: str = "",
+          parent: Any = None, root: Any = None) -> None:
+    root = cfg if root is None else root
     if top_down:
         for h in hooks:
-            _hook(cfg, h, where)
+            _hook(cfg, h, where, path, parent, root)
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
-            _walk(v, where, hooks, top_down)
+            _walk(v, where, hooks, top_down, f"{path}.{f.name}" if path else f.name, cfg, root)
     if not top_down:
         for h in hooks:
-            _hook(cfg, h, where)
+            _hook(cfg, h, where, path, parent, root)
 
 
 def validate_config(cfg: Any, where: str = "config") -> Any:
@@ -329,13 +367,50 @@ def validate_config(cfg: Any, where: str = "config") -> Any:
     return cfg
 
 
-def _hook(cfg: Any, hook: str, where: str) -> None:
+_KEY_TOKEN = re.compile(r"(?<![\w./=-])[A-Za-z_]\w*(?:\.\w+)*")
+
+
+def qualify_keys(message: str, section: Any, path: str, parent: Any = None,
+                 sources: dict[str, str] | None = None) -> str:
+    """A nested section's ``validate`` names keys as its own command would (``engine.name``,
+    ``train.lr``); under another command the same section sits deeper (``eval.engine.name`` in the
+    pipeline, ``gen.engine.name`` in ``label serve``). Each key the message starts with, and each
+    dotted key in it, gets the section's path: keys named from the parent (``engine.name`` from
+    the ``engine`` section) get the parent's path, keys of the section itself the section's.
+    ``sources`` maps a key the top config sets itself to the key the user sets (the pipeline's
+    ``ppo.engine`` comes from ``engine``)."""
+    if not path:
+        return message
+    leaf = path.rsplit(".", 1)[-1]
+    parent_path = path[: len(path) - len(leaf)]
+
+    def source(key: str) -> str:
+        for derived, given in (sources or {}).items():
+            if key == derived or key.startswith(derived + "."):
+                return given + key[len(derived):]
+        return key
+
+    def full(m: re.Match) -> str:
+        tok = m.group(0)
+        if m.start() != 0 and "." not in tok:
+            return tok
+        if parent is not None and (tok == leaf or tok.startswith(leaf + ".")) and known_key(type(parent), tok):
+            return source(parent_path + tok)
+        if known_key(type(section), tok):
+            return source(f"{path}.{tok}")
+        return tok
+
+    return _KEY_TOKEN.sub(full, message)
+
+
+def _hook(cfg: Any, hook: str, where: str, path: str = "", parent: Any = None, root: Any = None) -> None:
     fn = getattr(cfg, hook, None)
     if fn is not None:
         try:
             fn()
         except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
+            sources = getattr(root, "DERIVED_FROM", None)
+            raise ConfigError(f"{where}: {qualify_keys(str(e), cfg, path, parent, sources)}") from None
 
 
 def check(cond: bool, message: str) -> None:

@@ -131,6 +131,16 @@ def _rows(src: Source, on_error: Callable[[DataError], None] | None = None) -> I
 # Field checks
 # ---------------------------------------------------------------------------
 
+# Characters that render as nothing (zero-width space/joiners, BOM, word joiner): text made only of
+# these and whitespace is empty, in a data file as in the labeling app's forms.
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\ufeff\u2060"))
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` is only whitespace and zero-width characters."""
+    return not text.translate(INVISIBLE).strip()
+
+
 
 def _text(row: dict, key: str, src: str, line: int, allow_empty: bool = False) -> str:
     if key not in row:
@@ -138,7 +148,7 @@ def _text(row: dict, key: str, src: str, line: int, allow_empty: bool = False) -
     v = row[key]
     if not isinstance(v, str):
         raise DataError(src, line, key, f"must be a string, got {type(v).__name__}")
-    if not allow_empty and not v.strip():
+    if not allow_empty and is_blank(v):
         raise DataError(src, line, key, "is empty")
     return v
 
@@ -155,7 +165,7 @@ def _opt_id(row: dict, key: str, src: str, line: int) -> str | None:
 def parse_messages(value: Any, src: str, line: int, key: str) -> Messages:
     """A prompt as text or as a list of {role, content} messages."""
     if isinstance(value, str):
-        if not value.strip():
+        if is_blank(value):
             raise DataError(src, line, key, "is empty")
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -169,6 +179,8 @@ def parse_messages(value: Any, src: str, line: int, key: str) -> Messages:
             raise DataError(src, line, f"{f}.role", f"must be one of {list(ROLES)}, got {m['role']!r}")
         if not isinstance(m["content"], str):
             raise DataError(src, line, f"{f}.content", "must be a string")
+        if m["role"] == "user" and is_blank(m["content"]):  # a system message may be empty; a question may not
+            raise DataError(src, line, f"{f}.content", "is empty")
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] == "assistant":
         raise DataError(src, line, key, "the last prompt message must not be the assistant's (that is the response)")
@@ -288,7 +300,7 @@ def _parse_ranking(row: dict, s: str, i: int) -> Ranking:
     for j, r in enumerate(resp):
         if not isinstance(r, str):
             raise DataError(s, i, f"responses[{j}]", "must be a string")
-        if not r.strip():
+        if is_blank(r):
             raise DataError(s, i, f"responses[{j}]", "is empty")
     first = {}
     for j, r in enumerate(resp):
@@ -381,7 +393,7 @@ def _parse_pairwise(row: dict, s: str, i: int) -> Ranking:
     else:
         raise DataError(s, i, "chosen", "chosen/rejected must both be strings or both message lists")
     for key, v in (("chosen", chosen), ("rejected", rejected)):
-        if not v.strip():
+        if is_blank(v):
             raise DataError(s, i, key, "response is empty")
     if chosen == rejected:
         raise DataError(s, i, "rejected", "identical to chosen: the pair gives no comparison")
@@ -452,7 +464,7 @@ def require_rows(rows: list, src: Source, what: str, minimum: int = 1) -> list:
     if len(rows) < minimum:
         name = str(src) if isinstance(src, (str, Path)) else f"dataset {type(src).__name__}"
         need = "at least one" if minimum == 1 else f"at least {minimum}"
-        raise DataError(name, None, None, f"needs {need} {what}, found {len(rows)}")
+        raise DataError(name, None, None, f"needs {need} {what}{'' if minimum == 1 else '(s)'}, found {len(rows)}")
     return rows
 
 

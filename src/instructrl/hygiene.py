@@ -132,7 +132,7 @@ class HygieneConfig:
     split_names: list[str] = param(factory=lambda: ["train", "val", "test"], help="split names")
     split_fractions: list[float] = param(factory=lambda: [0.8, 0.1, 0.1],
                                          help="target share of prompts per split (by user id; sums to 1)", min=0, max=1)
-    seed: int = param(0, "seed of the user -> split assignment", min=0)
+    seed: int = param(0, "seed of the user -> split assignment", min=0, max=2**32 - 1)
 
     def validate(self) -> None:
         check(self.dedupe_prefix_chars >= 0, "hygiene.dedupe_prefix_chars must be >= 0")
@@ -142,6 +142,10 @@ class HygieneConfig:
         check(len(self.split_names) == len(self.split_fractions) and self.split_names,
               "hygiene.split_names and hygiene.split_fractions must have the same (non-zero) length")
         check(len(set(self.split_names)) == len(self.split_names), "hygiene.split_names must be distinct")
+        # each name becomes <out>/<name>.jsonl: '../x' would write outside out=, '' a hidden '.jsonl'
+        bad = [n for n in self.split_names if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n)]
+        check(not bad, f"hygiene.split_names: {bad[0]!r} is not a plain file name (letters, digits, '_', '-', '.'; "
+                       "no '/' and not starting with '.')" if bad else "")
         check(all(f >= 0 for f in self.split_fractions) and abs(sum(self.split_fractions) - 1) < 1e-6,
               f"hygiene.split_fractions must be >= 0 and sum to 1, got {self.split_fractions}")
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import stat
 import shutil
 import tempfile
 import time
@@ -94,12 +96,47 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):  # 1e400: Python reads it as inf without a word
+        raise ValueError(f"{text} is too large for a number")
+    return v
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    # JSON allows a key twice and Python keeps the last silently: {"prompt": "a", "prompt": "b"}
+    # would train on "b" with nobody told
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return d
+
+
+def file_kind(path: Path) -> str | None:
+    """What ``path`` is when it exists and is not a regular file ("a FIFO", "a device", ...), else None.
+    A FIFO would block a read forever and /dev/zero never ends: both are refused before reading."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file")
+
+
 def _raw_lines(path: Path) -> Iterator[bytes]:
     """The file's lines as bytes; a file that cannot be opened or decompressed raises DataError."""
     if path.is_dir():
         raise DataError(str(path), None, None, "is a folder; expected a JSONL file")
     if not path.exists():
         raise DataError(str(path), None, None, "file not found")
+    kind = file_kind(path)
+    if kind is not None:
+        raise DataError(str(path), None, None, f"is {kind}, not a regular file; expected a JSONL file")
     try:
         if path.suffix == ".gz":
             import gzip
@@ -126,8 +163,9 @@ def read_jsonl(path: str | Path, on_error: Callable[[DataError], None] | None = 
     ``errors="skip"`` mode: a generator cannot go on after raising).
     Files ending in .gz are decompressed. A UTF-8 byte-order mark (as some
     Windows editors write) is ignored; invalid UTF-8 and lone surrogate escapes
-    are errors on their line, and so are NaN/Infinity with ``allow_nan=False``
-    (the data loaders; our own metrics.jsonl may hold a NaN loss).
+    are errors on their line, and so is a key given twice in one object; NaN/Infinity and
+    numbers too large for a float (1e400) are errors too with ``allow_nan=False`` (the data
+    loaders; our own metrics.jsonl may hold a NaN loss). A FIFO or device is refused unread.
     """
     path = Path(path)
     for i, raw in enumerate(_raw_lines(path), start=1):
@@ -142,7 +180,9 @@ def read_jsonl(path: str | Path, on_error: Callable[[DataError], None] | None = 
                             "save the file as UTF-8")
         else:
             try:
-                obj = json.loads(line, parse_constant=None if allow_nan else _refuse_constant)
+                obj = json.loads(line, object_pairs_hook=_unique_keys,
+                                 **({} if allow_nan else {"parse_constant": _refuse_constant,
+                                                          "parse_float": _finite_float}))
             except json.JSONDecodeError as e:
                 err = DataError(str(path), i, None, f"not valid JSON ({e.msg} at column {e.colno})")
             except ValueError as e:
@@ -165,6 +205,15 @@ class OutputError(DataError):
 
     def __init__(self, path: str | Path, message: str):
         super().__init__(str(path), None, None, message)
+
+
+def require_folder_path(path: str | Path, key: str = "output_dir") -> Path:
+    """``path`` as a Path, or OutputError when it names an existing file: checked where a command
+    starts, before any model loads, not when the first output is written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(path, f"exists and is not a folder; choose another {key}=")
+    return path
 
 
 # atomic_dir writes this file into every folder it creates; a folder carrying it may be replaced.

@@ -111,6 +111,13 @@ def check_target_modules(model: torch.nn.Module, settings: LoraSettings) -> None
         if any(h in heads for h in hits):
             raise ConfigError(f"train.lora.target_modules: {t!r} is the model's output head; adapters go on the "
                               f"transformer blocks ({', '.join(sorted(set(linear_module_names(model)) - heads))})")
+        modules = dict(model.named_modules())
+        # B·A has rank <= min(in, out): a larger r only adds zeros to train, and a typo (rank=1000000)
+        # would allocate rank x width matrices for every module before anything says so
+        (width, name) = min((min(modules[n].weight.shape), n) for n in hits)
+        if settings.rank > width:
+            raise ConfigError(f"train.lora.rank={settings.rank} is more than {name}'s smaller dimension ({width}); "
+                              f"an adapter's update B·A has rank at most {width}")
 
 
 def check_model_targets(path: str | Path, settings: LoraSettings, reward_model: bool = False) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from instructrl.config import param
+from instructrl.config import ConfigError, param
 from instructrl.runtime import instructrl_home
 
 DEFAULT_MODEL = "default"
@@ -58,6 +58,8 @@ def check_gguf_file(path: Path) -> None:
         inside = sorted(path.glob("*.gguf"))
         hint = f"; did you mean gguf={inside[0]}?" if inside else ""
         raise ModelLoadError(f"gguf: {path} is a folder, not a GGUF file{hint}")
+    if not path.is_file():  # a FIFO would block the read forever
+        raise ModelLoadError(f"gguf: {path} is not a regular file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -331,9 +333,10 @@ def freeze_lower_layers(model, trainable_layers: int) -> int:
         trunk = decoder(model)
         layers = getattr(trunk, "layers", None)
         if layers is None:
-            raise ValueError(f"train.trainable_layers: cannot find the decoder layers of {type(trunk).__name__}")
+            raise ConfigError(f"train.trainable_layers: cannot find the decoder layers of {type(trunk).__name__}")
         if trainable_layers > len(layers):
-            raise ValueError(f"train.trainable_layers={trainable_layers} but the model has {len(layers)} blocks")
+            raise ConfigError(f"train.trainable_layers={trainable_layers}: must be -1 (all) or 0..{len(layers)} "
+                              f"(the model has {len(layers)} blocks)")
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in list(layers)[len(layers) - trainable_layers:] if trainable_layers else []:

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 from instructrl.config import ConfigError, check, get_key, load_config, param, replace_keys
 from instructrl.engines import EngineSettings, resolve_engine
 from instructrl.evaluation.evaluate import EvalConfig
-from instructrl.io import RunDir, atomic_write_text, read_jsonl, write_jsonl
+from instructrl.io import OutputError, RunDir, atomic_write_text, read_jsonl, write_jsonl
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.train.dpo import DPOConfig
 from instructrl.train.ppo import PPOConfig
@@ -82,10 +82,10 @@ class PipelineData:
     n_users: int = param(400, "simulated users the prompts come from (Zipf-distributed activity)", min=1)
     heldout_user_fraction: float = param(0.2, "share of users whose prompts are used only for evaluation", min=0, max=1,
                                           min_exclusive=True, max_exclusive=True)
-    n_sft_prompts: int = param(128, "prompts with demonstrations (SFT data)")
-    n_rm_prompts: int = param(96, "prompts ranked per round (RM data)")
-    n_ppo_prompts: int = param(128, "prompts for PPO (no labels needed)")
-    n_eval_prompts: int = param(96, "held-out users' prompts for evaluation")
+    n_sft_prompts: int = param(128, "prompts with demonstrations (SFT data)", min=2)
+    n_rm_prompts: int = param(96, "prompts ranked per round (RM data)", min=2)
+    n_ppo_prompts: int = param(128, "prompts for PPO (no labels needed)", min=2)
+    n_eval_prompts: int = param(96, "held-out users' prompts for evaluation", min=2)
     k_min: int = param(4, "fewest responses per ranking (paper: 4)", min=2)
     k_max: int = param(6, "most responses per ranking (paper: 9; 6 keeps the default run short)", min=2)
     overlap_fraction: float = param(0.25, "share of rankings also given to a second labeler, for agreement", min=0, max=1)
@@ -95,7 +95,7 @@ class PipelineData:
     answer_words: int = param(0, "response budget in words: tasks are drawn so that a compliant answer fits it and "
                                  "labelers write demonstrations to it (a demonstration longer than max_new_tokens "
                                  "teaches the policy to be cut off); 0 = derived, 0.6 words per token of max_new_tokens "
-                                 "(docs/pipeline.md); -1 = no budget")
+                                 "(docs/pipeline.md); -1 = no budget", min=-1)
 
     def validate(self):
         if self.answer_words == 0:
@@ -155,7 +155,7 @@ class PipelineConfig:
                                    "applied under yours (docs/pipeline.md has their timings)")
     rounds: int = param(1, "iterated online rounds: rank -> RM -> PPO repeated on the current policy", min=1)
     only: str = param("", "re-run just this stage (and, for rank/rm/ppo, of round `round`)")
-    round: int = param(0, "with only=rank|rm|ppo: which round; 0 = the last")
+    round: int = param(0, "with only=rank|rm|ppo: which round; 0 = the last", min=0)
     resume: bool = param(False, "skip stages already finished in output_dir (PPO resumes from its checkpoints)")
     keep_checkpoints: bool = param(False, "keep the SFT and PPO stages' training checkpoints once the stage has "
                                           "saved its model; they are only needed to resume an interrupted stage")
@@ -243,6 +243,7 @@ DERIVED_FROM = {"sft.model": "model", "rm.model": "model", "ppo.policy": "model"
                 "sft.output_dir": "output_dir", "eval.output_dir": "output_dir", "ppo.output_dir": "output_dir", "ppo.out": "output_dir", "ppo.engine": "engine", "sft.engine": "engine",
                 "sft.train.precision": "precision", "rm.train.precision": "precision",
                 "ppo.train.precision": "precision", "eval.precision": "precision"}
+PipelineConfig.DERIVED_FROM = DERIVED_FROM  # config.qualify_keys: a stage's error names the key the user sets
 
 
 def _paths(cfg: PipelineConfig) -> tuple[Path, Path]:
@@ -397,8 +398,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     out = Path(cfg.output_dir)
     if out.exists() and (out / "state.json").exists() and not (cfg.resume or cfg.only):
-        raise SystemExit(f"instructrl: {out} already holds a pipeline run; add --resume to continue it, "
-                         f"only=STAGE to re-run one stage, or choose another output_dir=")
+        raise OutputError(out, "already holds a pipeline run; add --resume to continue it, "
+                               "only=STAGE to re-run one stage, or choose another output_dir=")
     cfg.precision = make_runtime(cfg.device, cfg.precision).precision  # once, for every stage; saved resolved
     cfg.engine, engine_why = resolve_engine(cfg.engine)  # auto -> what it means in this venv, saved resolved
     cfg.eval.engine, eval_engine_why = resolve_engine(cfg.eval.engine)

@@ -131,6 +131,26 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32):
     return model
 
 
+def check_reward_model(path: str | Path, key: str) -> None:
+    """ModelLoadError unless ``path`` is a reward model folder, from its config.json alone (no weights
+    read): for a command that needs the RM only at its end (SFT's rm_score selection), so a wrong
+    path stops it before the training, not after."""
+    from transformers import AutoConfig
+
+    from instructrl.models import LOAD_ERRORS, ModelLoadError, hub_error, resolve_model
+
+    try:
+        p = resolve_model(str(path))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{key}: {e}") from None
+    try:
+        config = AutoConfig.from_pretrained(p)
+    except LOAD_ERRORS as e:
+        raise hub_error(p, e) from None
+    if config.num_labels != 1:
+        raise ModelLoadError(f"{key}: {p}: not a reward model (num_labels={config.num_labels}, expected 1)")
+
+
 def save_reward_model(model, tokenizer, path: str | Path) -> Path:
     """Save model + tokenizer atomically; the tokenizer pads with the RM's pad token."""
     from instructrl.io import atomic_dir

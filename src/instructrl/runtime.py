@@ -32,6 +32,18 @@ PRECISION_HELP = ("auto = bf16 autocast where bf16 matmuls are fast (CUDA; CPUs 
                   "probe measures bf16 1.5x faster or more), else fp32; fp32 master weights either way")
 
 
+def set_threads(n: int, key: str = "threads") -> None:
+    """torch's CPU threads = ``n`` (0 = leave torch's default). More threads than CPUs only slow a
+    run down, and an absurd count (threads=100000) fails deep inside torch's thread pool, so it is
+    refused here, where the command starts (not in ``validate``, which never probes the machine)."""
+    if not n:
+        return
+    cpus = os.cpu_count() or 1
+    if n > cpus:
+        raise ConfigError(f"{key}={n} but this machine has {cpus} CPU(s); use at most {cpus} (0 = torch's default)")
+    torch.set_num_threads(n)
+
+
 def device_field(default: str = "auto"):
     """The ``device`` key of a command config (one help text for every command)."""
     return param(default, DEVICE_HELP)

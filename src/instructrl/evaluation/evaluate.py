@@ -41,7 +41,7 @@ from instructrl.evaluation.metrics import (best_of_n_kl, best_of_n_pick, gold_ga
                                            score_outcomes, seed_for)
 from instructrl.evaluation.report import ReportSection, format_summary, write_report
 from instructrl.evaluation.sampling import Samples, encode_prompts, generate, rm_scores, text_logliks
-from instructrl.runtime import Precision, Runtime, device_field, make_runtime, precision_field
+from instructrl.runtime import Precision, Runtime, device_field, make_runtime, precision_field, set_threads
 from instructrl.tasks.labelers import DEFAULT_NOISE
 
 # ---------------------------------------------------------------------------
@@ -51,8 +51,8 @@ from instructrl.tasks.labelers import DEFAULT_NOISE
 
 @dataclass
 class EvalLabelers:
-    n_train: int = param(6, "training labelers in the pool (they never judge evaluations)")
-    n_heldout: int = param(3, "held-out labelers: the only ones that judge here (InstructGPT §4)")
+    n_train: int = param(6, "training labelers in the pool (they never judge evaluations)", min=1)
+    n_heldout: int = param(3, "held-out labelers: the only ones that judge here (InstructGPT §4)", min=1)
     noise: float = param(DEFAULT_NOISE, "labeler noise (gold-score units); the default is calibrated to InstructGPT's "
                                              "inter-labeler agreement (72.6%; docs/simulated-labelers.md)", min=0)
     noise_kind: Literal["gaussian", "gumbel"] = param("gaussian", "labeler noise model (Thurstone or Plackett-Luce)")
@@ -85,11 +85,11 @@ class EvalConfig:
     labeler_seed: int = param(0, "seed of LabelerPool.default: the pipeline's data seed, so the held-out labelers "
                                  "are the same simulated people as in training's pool", min=0, max=2**32 - 1)
     labelers: EvalLabelers = param(EvalLabelers(), "the rest of the simulated labeler pool (held-out labelers judge)")
-    bootstrap: int = param(1000, "bootstrap resamples for the Elo and alignment-tax intervals")
+    bootstrap: int = param(1000, "bootstrap resamples for the Elo and alignment-tax intervals", min=100)
     ppo_runs: dict[str, str] = param(factory=dict, help="name -> PPO run folder (metrics.jsonl) for reward vs √KL curves")
     pretrain_eval: str = param("", "held-out plain-text JSONL ({text}) for the alignment tax; empty = skip")
-    pretrain_max_texts: int = param(200, "at most this many pretraining texts (the first ones)")
-    pretrain_max_tokens: int = param(256, "each pretraining text is cut to this many tokens")
+    pretrain_max_texts: int = param(200, "at most this many pretraining texts (the first ones)", min=1)
+    pretrain_max_tokens: int = param(256, "each pretraining text is cut to this many tokens", min=2)
     output_dir: str = param("runs/eval", "report.html, report.json, PNGs, responses.jsonl go here")
     device: str = device_field()
     precision: Precision = precision_field()
@@ -399,8 +399,7 @@ def run_eval(cfg: EvalConfig, extra_sections: Sequence[ReportSection | dict | tu
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rt = make_runtime(cfg.device, cfg.precision)
     cfg.precision = rt.precision  # saved resolved, so report.json says what ran

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -13,7 +12,7 @@ from instructrl.config import ConfigError, check, param
 from instructrl.engines import EngineSettings
 from instructrl.evaluation.report import json_safe
 from instructrl.evaluation.sampling import generate_responses
-from instructrl.runtime import Precision, device_field, make_runtime, precision_field
+from instructrl.runtime import Precision, device_field, make_runtime, precision_field, set_threads
 
 
 @dataclass
@@ -46,14 +45,14 @@ def run_ifeval(cfg: IFEvalConfig) -> dict:
     """``instructrl eval ifeval``: answer the IFEval prompts with the model (chat template), check every
     instruction with :mod:`instructrl.tasks.ifeval`, print and write prompt- and instruction-level accuracy."""
     from instructrl.engines import engine_for, resolve_engine
-    from instructrl.io import atomic_write_text, write_jsonl
+    from instructrl.io import atomic_write_text, require_folder_path, write_jsonl
     from instructrl.models import load_causal_lm, load_tokenizer
     from instructrl.tasks.ifeval import evaluate_ifeval, load_ifeval
 
     cfg.engine, why = resolve_engine(cfg.engine)  # auto -> vllm or hf, once; saved resolved in ifeval.json
     print(f"[ifeval] {why}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
+    out_dir = require_folder_path(cfg.output_dir)  # before the model answers, not when the results are written
     rows = load_ifeval(cfg.data)
     if cfg.limit:
         rows = rows[: cfg.limit]
@@ -75,7 +74,6 @@ def run_ifeval(cfg: IFEvalConfig) -> dict:
     out = {"data": cfg.data, "model": cfg.model, "decoding": "greedy" if cfg.greedy else f"T = {cfg.temperature}",
            "max_new_tokens": cfg.max_new_tokens, "engine": asdict(cfg.engine),
            "generation_seconds": seconds} | rep.as_dict()
-    out_dir = Path(cfg.output_dir)
     atomic_write_text(out_dir / "ifeval.json", json.dumps(json_safe(out), indent=2, ensure_ascii=False))
     # the reference harness's input_response_data format, so its own script can cross-check these answers
     write_jsonl(out_dir / "responses.jsonl", ({"key": r.key, "prompt": r.prompt, "response": x}

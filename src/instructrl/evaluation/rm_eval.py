@@ -24,7 +24,7 @@ class RMEvalConfig:
     micro_batch_size: int = param(16, "sequences per forward pass", min=1)
     precision: Precision = precision_field()
     errors: Literal["raise", "skip"] = param("raise", "bad rows: raise or skip (counted)")
-    bootstrap: int = param(2000, "bootstrap resamples for the 95% confidence intervals")
+    bootstrap: int = param(2000, "bootstrap resamples for the 95% confidence intervals", min=100)
 
     def validate(self):
         check(bool(self.model), "model: a reward model folder is required (model=PATH)")
@@ -42,8 +42,10 @@ def evaluate_rm(cfg: RMEvalConfig) -> dict:
     """``instructrl rm eval``: accuracy and log loss on held-out comparisons, by K, with 95% CIs + calibration PNG."""
     from instructrl.models import load_tokenizer
 
+    from instructrl.io import require_folder_path
+
     rt = make_runtime(cfg.device, cfg.precision)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.model) / "eval"
+    out_dir = require_folder_path(Path(cfg.output_dir) if cfg.output_dir else Path(cfg.model) / "eval")
     model = load_reward_model(cfg.model).eval().to(rt.device)
     tok = load_tokenizer(cfg.model)
     msgs: list[str] = []

@@ -36,21 +36,21 @@ __all__ = ["LabelConfig", "LabelExportConfig", "create_app", "ensure_admin", "ex
 class LabelConfig:
     db: str = param("sqlite:///labeling.db", "SQLAlchemy URL of the store (SQLite file or postgresql+psycopg://...)")
     host: str = param("127.0.0.1", "interface to listen on")
-    port: int = param(8000, "TCP port")
+    port: int = param(8000, "TCP port", min=1, max=65535)
     admin_user: str = param("admin", "admin account created on first start when the store has no admin")
     admin_password: str = param("", "its password; empty = read $INSTRUCTRL_ADMIN_PASSWORD (needed only on first start)")
     key_file: str = param("", "cookie-signing key file (made 0600 on first start); empty = <sqlite file>.key, or "
                               "~/.instructrl/labeling.key for a server database; $INSTRUCTRL_LABEL_SECRET wins")
-    session_hours: float = param(12.0, "a login lasts this long")
+    session_hours: float = param(12.0, "a login lasts this long", min=0, min_exclusive=True)
     cookie_secure: bool = param(False, "mark the session cookie Secure (set true behind HTTPS)")
-    max_text_chars: int = param(20000, "longest demonstration / chat message accepted (longer gets 413)")
-    max_upload_mb: float = param(50.0, "largest prompt file accepted on import")
+    max_text_chars: int = param(20000, "longest demonstration / chat message accepted (longer gets 413)", min=1)
+    max_upload_mb: float = param(50.0, "largest prompt file accepted on import", min=0, min_exclusive=True)
     max_request_mb: float = param(64.0, "largest request body of a logged-in user (413 beyond); "
-                                        "must hold max_upload_mb")
+                                        "must hold max_upload_mb", min=0, min_exclusive=True)
     login_max_failures: int = param(5, "failed logins per account or per client address within login_window_minutes "
-                                       "before further tries get 429")
-    login_window_minutes: float = param(5.0, "window of the failed-login count")
-    assign_seed: int = param(0, "seed of task -> labeler assignment")
+                                       "before further tries get 429", min=1)
+    login_window_minutes: float = param(5.0, "window of the failed-login count", min=0, min_exclusive=True)
+    assign_seed: int = param(0, "seed of task -> labeler assignment", min=0, max=2**32 - 1)
     device: str = device_field()
     precision: str = precision_field("fp32")
     gen: GenConfig = param(GenConfig(), "sampling of completions")
@@ -111,6 +111,16 @@ def ensure_admin(store: Store, cfg: LabelConfig) -> None:
     print(f"[instructrl] created admin account {cfg.admin_user!r}")
 
 
+def check_host(host: str, port: int) -> None:
+    """ConfigError for a host name that does not resolve: uvicorn would print its own error and exit 3."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"host={host!r} cannot be used: {getattr(e, 'strerror', None) or e}") from None
+
+
 def serve(cfg: LabelConfig) -> None:
     """``instructrl label serve``: run the app with uvicorn (one process; SQLite-safe)."""
     import logging
@@ -120,6 +130,7 @@ def serve(cfg: LabelConfig) -> None:
     from instructrl.engines import resolve_engine
 
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")  # the audit log goes to stderr
+    check_host(cfg.host, cfg.port)
     cfg.gen.engine, why = resolve_engine(cfg.gen.engine)  # once for the app: every Generator gets it resolved
     rt = make_runtime(cfg.device, cfg.precision)
     store = Store(cfg.db, key_file=cfg.key_file)

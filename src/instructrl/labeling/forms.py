@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-from instructrl.data import RATING_FLAGS
+from instructrl.data import RATING_FLAGS, is_blank
 from instructrl.labeling.store import LabelError
-
-# Characters that render as nothing: a demonstration made only of these (and whitespace) is empty.
-INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\ufeff\u2060"))
-
-
-def is_blank(text: str) -> bool:
-    """True when ``text`` is only whitespace and zero-width characters."""
-    return not text.translate(INVISIBLE).strip()
 
 
 def parse_order(raw: str | None, k: int) -> list[int]:

@@ -31,14 +31,15 @@ _VLLM_LOCK = threading.Lock()
 
 @dataclass
 class GenConfig:
-    max_new_tokens: int = param(128, "tokens sampled per completion")
+    max_new_tokens: int = param(128, "tokens sampled per completion", min=1)
     temperature: float = param(1.0, "sampling temperature (InstructGPT samples at T=1 for comparison data)",
                                min=0, min_exclusive=True)
-    top_p: float = param(1.0, "nucleus sampling mass; 1 = plain sampling")
-    batch_size: int = param(4, "prompts per generate() call")
-    max_redraws: int = param(4, "rounds of resampling when a prompt's completions are empty or identical")
+    top_p: float = param(1.0, "nucleus sampling mass; 1 = plain sampling", min=0, max=1, min_exclusive=True)
+    batch_size: int = param(4, "prompts per generate() call", min=1)
+    max_redraws: int = param(4, "rounds of resampling when a prompt's completions are empty or identical", min=0)
     dtype: str = param("", "deprecated: the precision key of the command replaces it; fp32 | bf16 sets precision")
-    seed: int = param(0, "torch seed set before generating (vllm: the seed of the Generator's request seeds)")
+    seed: int = param(0, "torch seed set before generating (vllm: the seed of the Generator's request seeds)",
+                      min=0, max=2**32 - 1)
     engine: EngineSettings = param(EngineSettings(), "the sampler of the completions: engine.name=hf (Hugging Face "
                                                      "generate), vllm (docs/vllm.md) or auto")
 

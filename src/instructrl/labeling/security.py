@@ -90,9 +90,15 @@ def load_secret(db_url: str, key_file: str = "") -> str:
             pass
         finally:
             tmp.unlink()
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):  # a folder fails the read; a FIFO would block it forever
+        raise ConfigError(f"key_file {path} is not a regular file")
+    if stat.S_IMODE(mode) & 0o077:
         raise ConfigError(f"key_file {path} is readable by other users: chmod 600 {path}")
-    key = path.read_text().strip()
+    try:
+        key = path.read_text(encoding="utf-8").strip()  # ours is hex; a key of your own must be text too
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"key_file {path} cannot be read as a text key: {getattr(e, 'strerror', None) or e}") from None
     if len(key) < 32:
         raise ConfigError(f"key_file {path} holds no usable key (fewer than 32 characters)")
     return key

@@ -229,8 +229,18 @@ def check_db_url(url: str, create: bool) -> None:
         return
     if not f.parent.is_dir():
         raise ConfigError(f"db={url}: folder {f.parent} does not exist")
+    if f.is_dir():
+        raise ConfigError(f"db={url}: {f} is a folder, not a database file")
     if not create and not f.is_file():
         raise ConfigError(f"db={url}: no such database file {f}")
+    if f.is_file():  # an empty file is a new database; anything else must carry SQLite's header
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(16)
+        except OSError as e:
+            raise ConfigError(f"db={url}: cannot read {f}: {e.strerror}") from None
+        if head and head != b"SQLite format 3\x00":
+            raise ConfigError(f"db={url}: {f} is not an SQLite database file")
 
 
 class Store:

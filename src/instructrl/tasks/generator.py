@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from instructrl.data import PromptRecord, iter_rows
+from instructrl.data import PromptRecord, is_blank, iter_rows
 from instructrl.io import DataError, write_jsonl
 from instructrl.tasks.text import count_words, words
 from instructrl.tasks.constraints import (
@@ -247,7 +247,7 @@ def load_tasks(src) -> list[ConstraintTask]:
         if row["id"] in seen:
             raise DataError(s, i, "id", f"duplicate id {row['id']!r} (first on line {seen[row['id']]})")
         seen[row["id"]] = i
-        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        if not isinstance(row["prompt"], str) or is_blank(row["prompt"]):
             raise DataError(s, i, "prompt", "must be a non-empty string")
         cons = row["constraints"]
         if not isinstance(cons, list) or not cons:

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from instructrl.data import Source, iter_rows
+from instructrl.data import Source, is_blank, iter_rows
 from instructrl.io import DataError
 from instructrl.core.stats import proportion_ci
 from instructrl.tasks.text import count_sentences, count_words
@@ -358,7 +358,7 @@ def load_ifeval(src: Source) -> list[IFEvalRow]:
         if key in seen:
             raise DataError(s, i, "key", f"duplicate key {key!r} (first on line {seen[key]})")
         seen[key] = i
-        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        if not isinstance(row["prompt"], str) or is_blank(row["prompt"]):
             raise DataError(s, i, "prompt", "must be a non-empty string")
         ids, kws = row["instruction_id_list"], row["kwargs"]
         if not isinstance(ids, list) or not ids:

@@ -66,7 +66,8 @@ class DPOData:
 class DPOTrain:
     loss: Literal["dpo", "ipo", "listwise"] = param("dpo", "dpo = pairwise (eq. 7), ipo = Azar et al. 2023, "
                                                            "listwise = Plackett-Luce over the whole ranking")
-    beta: float = param(0.1, "β: strength of the pull towards the reference (DPO paper: 0.1); IPO's τ")
+    beta: float = param(0.1, "β: strength of the pull towards the reference (DPO paper: 0.1); IPO's τ", min=0,
+                        min_exclusive=True)
     epochs: int = param(1, "passes over the rankings", min=1)
     lr: float = param(1e-6, "peak learning rate (DPO paper: 1e-6)", min=0, min_exclusive=True)
     warmup_ratio: float = param(0.1, "share of optimizer steps in linear warmup", min=0, max=1,

@@ -38,9 +38,9 @@ import torch
 from instructrl.config import ConfigError, check, overwrite_field, param
 from instructrl.engines import EngineSettings
 from instructrl.lora import LoraSettings
-from instructrl.runtime import Precision, device_field, make_runtime, precision_field
+from instructrl.runtime import Precision, device_field, make_runtime, precision_field, set_threads
 from instructrl.tracking import TrackerKind, tracker_field
-from instructrl.train.common import latest_checkpoint
+from instructrl.train.common import check_trainable, latest_checkpoint
 from instructrl.train.processes import make_dist
 from instructrl.train.ppo_phases import (RewardFn, compute_advantages, generate_trajectory,
                                          load_data, load_models, make_optimisers,
@@ -190,7 +190,7 @@ class PPOConfig:
     out: str = param("", "deprecated: the old name of output_dir, accepted for one release")
     device: str = device_field()
     resume: bool = param(False, "continue from the latest checkpoint in output_dir (same config, same process count)")
-    seed: int = param(0, "seed for prompt order, sampling and minibatch order", min=0)
+    seed: int = param(0, "seed for prompt order, sampling and minibatch order", min=0, max=2**32 - 1)
     steps: int = param(100, "PPO steps (rollout batches)", min=1)
     rollout: PPORollout = param(PPORollout(), "sampling")
     kl: PPOKL = param(PPOKL(), "KL penalty against the reference (SFT) policy")
@@ -235,8 +235,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     rc, tc = cfg.rollout, cfg.train
     if reward_fn is None and not cfg.reward_model:
         raise ConfigError("reward_model: a reward model folder is required")
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    set_threads(cfg.run.threads, "run.threads")
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     rt = make_runtime(cfg.device, tc.precision)
@@ -282,6 +281,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
 
     bar = tqdm(total=cfg.steps, initial=progress.step, desc="ppo", dynamic_ncols=True, disable=not dist.is_main)
+    policy_steps = all_skipped = 0  # this run's steps that train the policy, and those whose every update was skipped
     while progress.step < cfg.steps:
         t0 = time.perf_counter()
         # 1. rollout: this process's contiguous share of the global batch (whole groups of k)
@@ -297,7 +297,10 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         # 3 + 4. KL-shaped rewards and advantages over the global batch
         batch, masks, stats = compute_advantages(cfg, g, scored, opts.kl_ctl.value, dist)
         # 5. PPO epochs over minibatches
+        skipped_before = progress.skipped["policy"]
         up = ppo_update(cfg, models, opts, batch, masks, scored.lower, data, progress, rt, dist)
+        policy_steps += up.policy_updated
+        all_skipped += up.policy_updated and progress.skipped["policy"] - skipped_before == up.updates
         opts.kl_ctl.update(stats.seq_kl, rc.batch_size)
         progress.step += 1
         t3 = time.perf_counter()
@@ -325,6 +328,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
 
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+    check_trainable(all_skipped, policy_steps, "ppo", tc.lr, cfg.prompts)  # never save a policy that never moved
 
     if dist.is_main:
         from instructrl.plots import plot_reward_vs_sqrt_kl, reward_vs_sqrt_kl

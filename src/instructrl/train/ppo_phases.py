@@ -148,12 +148,12 @@ def load_data(cfg, tok) -> PPOData:
     from instructrl.data import load_prompts, load_text_corpus, require_rows
     from instructrl.formatting import TruncationStats, encode_prompt_for_sampling
 
-    records = require_rows(load_prompts(cfg.prompts), cfg.prompts, "prompts")
+    records = require_rows(load_prompts(cfg.prompts), cfg.prompts, "prompt")
     trunc = TruncationStats()
     prompt_ids = [encode_prompt_for_sampling(tok, rec.messages, cfg.rollout.max_prompt_tokens, trunc) for rec in records]
     ptx_ids: list[list[int]] = []
     if cfg.ptx_data and cfg.train.ptx_coef > 0:
-        texts = require_rows(load_text_corpus(cfg.ptx_data), cfg.ptx_data, "ptx_data")
+        texts = require_rows(load_text_corpus(cfg.ptx_data), cfg.ptx_data, "ptx_data text")
         ptx_ids = [x for x in (tok(t, add_special_tokens=False)["input_ids"][: cfg.train.ptx_max_tokens] for t in texts)
                    if len(x) >= 2]
         if not ptx_ids:
@@ -591,9 +591,11 @@ def save_checkpoint(folder: Path, models: Models, opts: Optimisers, progress: Pr
     rngs = dist.gather_objects(rng_state())  # every process takes part, only the main one writes
     if not dist.is_main:
         return None
-    # Updates with non-finite values are skipped, so this never fires; it guards the guarantee.
+    # Updates with non-finite values are skipped; a finite update can still overflow the weights
+    # (train.lr=1e308), and such a model is never written.
     if not all(all_finite(m) for m in models.trained):
-        raise RuntimeError(f"step {progress.step}: non-finite weights; refusing to write a checkpoint")
+        raise ConfigError(f"ppo step {progress.step}: the model has non-finite weights after an update; nothing "
+                          f"saved. Lower train.lr / train.value_lr")
     final = folder / f"step-{progress.step:06d}"
     state = {"step": progress.step, "prompt_pos": progress.prompt_pos, "ptx_pos": progress.ptx_pos,
              "skipped": dict(progress.skipped), **opts.state_dict(), "rng": rngs, "world_size": dist.world}

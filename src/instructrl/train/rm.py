@@ -203,7 +203,7 @@ class RMData:
                                  max_exclusive=True)
     demonstrations: str = param("", "demonstrations JSONL (the SFT data) for the bias normalization; "
                                     "empty = no normalization (bias stays 0, logged)")
-    max_demonstrations: int = param(1024, "at most this many demonstrations are scored for the bias (0 = all)")
+    max_demonstrations: int = param(1024, "at most this many demonstrations are scored for the bias (0 = all)", min=0)
     max_length: int = param(512, "max tokens of prompt + response; longer ones are truncated (prompt from the left)", min=1)
     min_prompt_tokens: int = param(16, "truncation never cuts the prompt below this many tokens", min=0)
     errors: Literal["raise", "skip"] = param("raise", "bad rows: raise = stop at the first (file:line: field); "
@@ -232,7 +232,7 @@ class RMTrain:
     lora: LoraSettings = param(LoraSettings(), "LoRA adapters on the trunk instead of full fine-tuning; the scalar "
                                                "head is trained in full (docs/lora.md)")
     seed: int = param(0, "seed for the split, shuffling and the head initialisation", min=0, max=2**32 - 1)
-    log_every: int = param(1, "write a metrics row every N optimizer steps")
+    log_every: int = param(1, "write a metrics row every N optimizer steps", min=1)
     save_every: int = param(0, "checkpoint every N optimizer steps and at each epoch's end, for --resume "
                                "(0 = no checkpoints: an interrupted run starts over)", min=0)
 
@@ -443,7 +443,9 @@ def load_data(cfg: RMConfig, tok, run, accelerator) -> tuple[list, list, list, R
         train_r, val_r = split_validation(rankings, dc.val_fraction, tc.seed)
     else:
         train_r, val_r = rankings, []
-    demos = load_demonstrations(dc.demonstrations) if dc.demonstrations else []
+    # a demonstrations file that is given but empty would leave the bias silently unnormalized
+    demos = (require_rows(load_demonstrations(dc.demonstrations), dc.demonstrations, "demonstration")
+             if dc.demonstrations else [])
     stats = RankingTruncation()
     train_items = tokenize_rankings(tok, train_r, dc.max_length, dc.min_prompt_tokens, stats)
     val_stats = RankingTruncation()

@@ -318,6 +318,10 @@ def train_sft(cfg: SFTConfig) -> Path:
         accelerator.print(f"[sft] truncation: {stats.summary()}")
 
     # 3. model, optimizer, schedule (+ resume) -------------------------------
+    if cfg.select.metric == "rm_score":  # the RM is read after the last epoch: a bad path fails now
+        from instructrl.reward_model import check_reward_model
+
+        check_reward_model(cfg.select.reward_model, "select.reward_model")
     if tc.lora.enabled:  # a bad target_modules fails here, before the weights are read
         check_model_targets(resolve_model(cfg.model), tc.lora)
     model = load_trainable(cfg, ckpt)
