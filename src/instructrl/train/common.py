@@ -412,8 +412,8 @@ def restore(accelerator, ckpt: Path, opt, sched, order_rng: random.Random, run: 
     full optimizer state).
     """
     st = load_state(ckpt / STATE)
-    if st["world_size"] != accelerator.num_processes:
-        raise ConfigError(f"resume: {ckpt} was written by {st['world_size']} processes, this run has "
+    if st.get("world_size", 1) != accelerator.num_processes:  # no world_size: an older 1-process DPO state
+        raise ConfigError(f"resume: {ckpt} was written by {st.get('world_size', 1)} processes, this run has "
                           f"{accelerator.num_processes}; resume with the same number for an exact continuation")
     sharded = model is not None and is_sharded(model)
     if st.get("sharded", False) != sharded:
@@ -428,7 +428,8 @@ def restore(accelerator, ckpt: Path, opt, sched, order_rng: random.Random, run: 
         opt.load_state_dict(st["opt"])
     sched.load_state_dict(st["sched"])
     order_rng.setstate(st["order_rng"])
-    set_rng_state(st["rng"][accelerator.process_index])
+    rng = st["rng"]  # one state per process; a single one from an older DPO checkpoint
+    set_rng_state(rng[accelerator.process_index] if isinstance(rng, list) else rng)
     pos = Position(**st["position"])
     if run.is_main:  # rows written after the checkpoint belong to steps that will be redone
         write_jsonl(run.path / "metrics.jsonl", [r for r in run.read_metrics() if r.get("step", 0) <= pos.step])
