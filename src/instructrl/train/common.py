@@ -265,9 +265,10 @@ def check_trainable(skipped: int, steps: int, where: str, lr: float, data: str) 
                           f"lower train.lr (now {lr}) or check the data ({data})")
 
 
-def non_finite_weights_error(where: str, lr: float) -> ConfigError:
-    return ConfigError(f"{where}: the model has non-finite weights after training with train.lr={lr}; "
-                       f"nothing saved. Lower train.lr")
+def non_finite_weights_error(where: str, lr: float | None) -> ConfigError:
+    with_lr = f" with train.lr={lr}" if lr is not None else ""
+    return ConfigError(f"{where}: the model has non-finite weights after training{with_lr}; nothing saved. "
+                       f"Lower train.lr")
 
 
 def check_finite_weights(model: torch.nn.Module, where: str, lr: float) -> None:
@@ -276,7 +277,7 @@ def check_finite_weights(model: torch.nn.Module, where: str, lr: float) -> None:
         raise non_finite_weights_error(where, lr)
 
 
-def gathered_state_dict(device: torch.device, model: torch.nn.Module, where: str, lr: float) -> dict:
+def gathered_state_dict(device: torch.device, model: torch.nn.Module, where: str, lr: float | None) -> dict:
     """The full (unsharded) weights of an FSDP2 ``model``, on the CPU of rank 0 (every process takes part;
     ``device``: this process's, for the collective); non-finite weights raise on every process, as
     :func:`check_finite_weights` does unsharded."""
