@@ -13,8 +13,11 @@ import torch
 
 from instructrl.config import ConfigError, load_config
 from instructrl.train.ppo import KILL_ENV, PPOConfig
+import test_ppo_dist
 from launch_util import cli, moved, rows, weights
-from test_ppo_dist import setup, write_cfg  # noqa: F401  (setup is a fixture)
+from test_ppo_dist import write_cfg
+
+setup = test_ppo_dist.setup  # the tiny policy, its RM, prompts and ptx texts (a fixture)
 
 SHARDED = {"train": {"sharding": "fsdp2"}, "engine": {"name": "hf"}}
 
@@ -24,13 +27,13 @@ def ppo(cfg: Path, nproc: int, *extra: str, env_extra: dict | None = None):
 
 
 @pytest.fixture
-def sharded_run(setup, tmp_path):  # noqa: F811
+def sharded_run(setup, tmp_path):
     r = ppo(write_cfg(tmp_path, "two", setup, **SHARDED), 2)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp_path / "two"
 
 
-def test_two_sharded_processes_take_the_steps_of_one_and_resume_exactly(setup, sharded_run, tmp_path,  # noqa: F811
+def test_two_sharded_processes_take_the_steps_of_one_and_resume_exactly(setup, sharded_run, tmp_path,
                                                                         tiny_model_dir):
     log = (sharded_run / "log.txt").read_text()
     assert "sharding: fsdp2 over 2 processes (policy, value, reference, reward model)" in log
