@@ -6,8 +6,9 @@ No download: a random init of SmolLM2-135M's configuration (as benchmarks/gpu_ch
 policy, and a reward model on it (fresh scalar head) is the RM and the value model's start, so the
 run has all four models of GAE PPO (policy and value trained, reference and RM frozen). Each mode is
 one ``instructrl ppo`` command (``torchrun`` for 2 processes); every process runs under a wrapper that
-records its peak resident set (``VmHWM``) over the whole run (loading, sampling, training, the checkpoint
-at the last step, the final save) and within each phase of the loop. fp32 on the CPU, one thread per process. Modes:
+records its peak resident set (``VmHWM``) and the peak of its private part (``RssAnon``, sampled) over
+the whole run (loading, sampling, training, the checkpoint at the last step, the final save) and within
+each phase of the loop (see WRAPPER for why both). fp32 on the CPU, one thread per process. Modes:
 ``one`` (1 process), ``two-dp`` (2 processes, data parallel), ``two-fsdp2`` (2 processes, sharded).
 Prints one JSON line per mode; docs/pipeline.md ("Sharded training") holds the figures measured here.
 """
@@ -25,10 +26,14 @@ import time
 from pathlib import Path
 
 # Runs ``python -m instructrl ...``; each PPO phase is wrapped so that the peak resident set *within*
-# it is read (the kernel's peak is reset before the phase: ``echo 5 > /proc/self/clear_refs``). At exit
-# the largest peak of each phase and the whole process's peak go to $PEAK_DIR/rank-N as JSON.
+# it is read (the kernel's peak is reset before the phase: ``echo 5 > /proc/self/clear_refs``), and a
+# thread samples the private (anonymous) part of the resident set every 20 ms. Why both: the weights are
+# read through safetensors' memory map, and the map's pages stay resident (file-backed, clean, shared
+# by every process reading the same file) after a sharded process has copied out its shard, so the
+# kernel's peak counts each model's whole file once more in every process. At exit the peaks go to
+# $PEAK_DIR/rank-N as JSON (GB): whole run and per phase, resident set and anonymous part.
 WRAPPER = '''
-import atexit, json, os, runpy, sys
+import atexit, json, os, runpy, sys, threading, time
 
 import instructrl.train.ppo as ppo
 
@@ -36,20 +41,32 @@ def status(key):
     with open("/proc/self/status") as f:
         return next(int(x.split()[1]) for x in f if x.startswith(key + ":")) * 1024 / 1e9
 
-PHASES, WHOLE = {}, [0.0]
+PHASES, ANON, WHOLE = {}, {}, {"rss": 0.0, "anon": 0.0}
+current = ["start"]
+
+def sample():
+    while True:
+        a = status("RssAnon")
+        WHOLE["anon"] = max(WHOLE["anon"], a)
+        ANON[current[0]] = round(max(ANON.get(current[0], 0.0), a), 2)
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
 
 def wrap(name):
     inner = getattr(ppo, name)
 
     def phase(*a, **k):
-        WHOLE[0] = max(WHOLE[0], status("VmHWM"))
+        WHOLE["rss"] = max(WHOLE["rss"], status("VmHWM"))
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        current[0] = name
         try:
             return inner(*a, **k)
         finally:
+            current[0] = "between"
             hwm = status("VmHWM")
-            WHOLE[0] = max(WHOLE[0], hwm)
+            WHOLE["rss"] = max(WHOLE["rss"], hwm)
             PHASES[name] = round(max(PHASES.get(name, 0.0), hwm), 2)
 
     setattr(ppo, name, phase)
@@ -59,7 +76,8 @@ for name in ("load_models", "load_data", "make_optimisers", "generate_trajectory
     wrap(name)
 
 def peak():
-    out = {"whole": round(max(WHOLE[0], status("VmHWM")), 2), "phases": PHASES}
+    out = {"rss": round(max(WHOLE["rss"], status("VmHWM")), 2), "anon": round(WHOLE["anon"], 2),
+           "rss_by_phase": PHASES, "anon_by_phase": ANON}
     with open(os.path.join(os.environ["PEAK_DIR"], "rank-" + os.environ.get("RANK", "0")), "w") as f:
         json.dump(out, f)
 

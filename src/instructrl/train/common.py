@@ -153,8 +153,9 @@ def prepare_model(accelerator, model: torch.nn.Module, make_optimizer: Callable[
     if sharding == "fsdp2" and accelerator.num_processes > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
-        model.to(accelerator.device)
+        # FSDP2 moves each unit to the device as it shards it: the device never holds the whole model
         n = shard_model(model, init_device_mesh(accelerator.device.type, (accelerator.num_processes,)))
+        model.to(accelerator.device)
         top = "trunk + head" if hasattr(model, "score") else "root"
         info(f"sharding: fsdp2 over {accelerator.num_processes} processes ({n} decoder blocks + {top}); "
              f"weights, gradients and optimizer state split, checkpoints gathered to rank 0")

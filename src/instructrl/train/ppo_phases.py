@@ -131,19 +131,18 @@ def load_models(cfg, rt: Runtime, ckpt: Path | None, scripted_reward: bool, mesh
                 load_adapter(m, ckpt / ("policy" if m is policy else "value"))
         else:
             freeze_lower_layers(m, tc.trainable_layers)
-    for m in (policy, ref, rm, value):
-        if m is not None:
-            m.to(rt.device)
     models.train_attention = {"model": None, "auto": None}.get(tc.attention, tc.attention)
     if tc.attention == "auto" and rt.amp_dtype is not None and rt.device.type == "cpu":
         models.train_attention = "eager"  # the fused kernel's bf16 backward is slow on CPU (docs/ppo.md)
     # Sharded, the shared hidden state is off: it runs part of one model's trunk outside its FSDP units.
     if tc.share_frozen_blocks and tc.trainable_layers >= 0 and mesh is None:
         models.share = shared_frozen_blocks([m for m in (policy, ref, rm, value) if m is not None], models.trained)
+    for m in (policy, ref, rm, value):
+        if m is not None and mesh is not None:  # FSDP2 moves each unit to the device as it shards it,
+            shard_model(m, mesh)                # so no process ever holds a whole model there
+        if m is not None:
+            m.to(rt.device)
     if mesh is not None:
-        for m in (policy, ref, rm, value):
-            if m is not None:
-                shard_model(m, mesh)
         for m in models.trained:  # sum, as Dist.sum_gradients does (FSDP2 would average)
             for unit in fsdp_units(m):
                 unit.set_gradient_divide_factor(1.0)
