@@ -374,7 +374,8 @@ def score_trajectory(cfg, models: Models, g: Generation, rt: Runtime, reuse_logp
             if rm is not None:
                 scores[rows] = rm_score(rm, rm_ids, rm_am, rm_low).float()
     for m in (policy, ref, value, rm) if models.sharded else ():  # a no-grad forward leaves the top units gathered
-        reshard(m)
+        if m is not None:
+            reshard(m)
     if reward_fn is not None:
         scores = reward_fn(g.query, g.response, g.response_mask).float().to(dev)
     if rc.missing_eos_penalty is not None:
