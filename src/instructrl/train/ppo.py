@@ -292,7 +292,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
              + f"; {engine_why}" + (f", TIS cap {tc.tis_cap}" if use_vllm and tc.tis_cap else "")
              + f"; training attention: {models.train_attention or 'model default'}"
              + (f"; lower {models.share} blocks shared by all models" if models.share else "")
-             + (f"; sharding: fsdp2 over {dist.world} processes ({', '.join(models.names)})" if sharded else
+             + (f"; sharding: fsdp2 over {dist.world} processes ({', '.join(models.names)})"
+                + ("; train.share_frozen_blocks off (sharded)" if tc.share_frozen_blocks and tc.trainable_layers >= 0
+                   else "") if sharded else
                 "; sharding: train.sharding=fsdp2 with 1 process has nothing to shard over; running unsharded"
                 if tc.sharding == "fsdp2" else ""))
     if tc.tis_cap and not use_vllm:
