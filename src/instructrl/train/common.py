@@ -72,46 +72,98 @@ def refuse_sharding(env) -> None:
     for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if str(env.get(var, "")).lower() in ("1", "true", "yes"):
             raise ConfigError(f"{var}=true: this accelerate config asks for {name} sharding, which instructrl "
-                              f"does not take from accelerate; for sharded SFT launch with torchrun and "
-                              f"train.sharding=fsdp2 (docs/pipeline.md, \"Sharded training\"), or use a plain "
+                              f"does not take from accelerate; for sharded SFT, RM, DPO or PPO launch with "
+                              f"torchrun and train.sharding=fsdp2 (docs/pipeline.md, \"Sharded training\"), or use a plain "
                               f"multi-process config (data parallel) and train.lora.rank > 0 to fit a large "
                               f"model (docs/lora.md)")
 
 
-def is_sharded(model) -> bool:
-    """True for a model ``prepare_model`` sharded with FSDP2."""
+def fsdp_units(model) -> list:
+    """The modules of ``model`` that ``shard_model`` gave to ``fully_shard`` (empty: not sharded)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model) -> bool:
+    """True for a model ``shard_model`` sharded with FSDP2."""
+    return bool(fsdp_units(model))
+
+
+def shard_model(model: torch.nn.Module, mesh, where: str = "train.sharding=fsdp2") -> int:
+    """``fully_shard`` each decoder block, then each module the code calls directly; returns the block count.
+
+    A causal LM is always called through its own forward: the root takes the rest (embeddings, final
+    norm, a tied or untied unembedding). A reward or value model is not: ``reward_model.hidden_states``
+    runs the trunk and then the scalar head as two calls, so the trunk (embeddings, final norm) and the
+    head are a unit each; a unit whose hooks never run would leave its weights sharded in the forward.
+    Blocks reshard after their forward, the top units keep their weights for the backward (FSDP2's own
+    choice for a root), so :func:`gathered_weights` can put both back.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from instructrl.models import decoder
+
+    blocks = list(getattr(decoder(model), "layers", None) or [])
+    if not blocks:
+        raise ConfigError(f"{where}: cannot find the decoder blocks of {type(model).__name__}")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    heads = [decoder(model), model.score] if hasattr(model, "score") else [model]
+    for unit in heads:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=False)
+    return len(blocks)
+
+
+def reshard(model) -> None:
+    """Free the gathered weights a forward without a backward leaves in the top units (FSDP2 keeps a
+    root's weights after its forward for the backward that would follow)."""
+    for unit in fsdp_units(model):
+        unit.reshard()
+
+
+@contextlib.contextmanager
+def gathered_weights(model):
+    """Within the block a sharded ``model`` holds its full weights and its forwards communicate nothing,
+    so processes may run different numbers of them (token-by-token sampling stops when a process's own
+    rows end). The cost is the full model in memory while it lasts. Unsharded: does nothing."""
+    from instructrl.models import decoder
+
+    units = fsdp_units(model)
+    blocks = {id(b) for b in getattr(decoder(model), "layers", [])} if units else set()
+    for u in units:
+        u.set_reshard_after_forward(False, recurse=False)
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()
+            u.set_reshard_after_forward(id(u) in blocks, recurse=False)
 
 
 def prepare_model(accelerator, model: torch.nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer],
-                  sharding: Sharding, info: Callable[[str], None]):
-    """(model, optimizer) ready to train: accelerate's DDP wrapping, or with ``sharding="fsdp2"`` and more
-    than one process, torch's FSDP2 pattern (``fully_shard`` on each decoder block, then the root). The
-    optimizer is built on the trainable parameters after sharding (FSDP2 swaps them for DTensor shards).
+                  sharding: Sharding, info: Callable[[str], None],
+                  wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m):
+    """(module, optimizer) ready to train: accelerate's DDP wrapping of ``wrap(model)``, or with
+    ``sharding="fsdp2"`` and more than one process ``wrap`` of the model sharded in place by
+    :func:`shard_model`. The optimizer is built on the trainable parameters after sharding (FSDP2
+    swaps them for DTensor shards). ``wrap``: the module the loop calls (the RM's ``RewardScorer``).
     """
     if sharding == "fsdp2" and accelerator.num_processes > 1:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
-        from instructrl.models import decoder
-
-        blocks = list(getattr(decoder(model), "layers", None) or [])
-        if not blocks:
-            raise ConfigError(f"train.sharding=fsdp2: cannot find the decoder blocks of {type(model).__name__}")
+        # FSDP2 moves each unit to the device as it shards it: the device never holds the whole model
+        n = shard_model(model, init_device_mesh(accelerator.device.type, (accelerator.num_processes,)))
         model.to(accelerator.device)
-        mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-        for block in blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        info(f"sharding: fsdp2 over {accelerator.num_processes} processes ({len(blocks)} decoder blocks + root); "
+        top = "trunk + head" if hasattr(model, "score") else "root"
+        info(f"sharding: fsdp2 over {accelerator.num_processes} processes ({n} decoder blocks + {top}); "
              f"weights, gradients and optimizer state split, checkpoints gathered to rank 0")
-        return model, make_optimizer([p for p in model.parameters() if p.requires_grad])
+        return wrap(model), make_optimizer([p for p in model.parameters() if p.requires_grad])
     if sharding == "fsdp2":
         info("sharding: train.sharding=fsdp2 with 1 process has nothing to shard over; running unsharded")
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
-    return accelerator.prepare(model, opt)
+    return accelerator.prepare(wrap(model), opt)
 
 
 def same_count(accelerator, model, n: int) -> int:
@@ -162,8 +214,8 @@ def accumulate(accelerator, model, micro_batches: list, loss_fn: Callable) -> li
     sharded = is_sharded(model)
     for j, b in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
-        if sharded:
-            model.set_requires_gradient_sync(last)
+        for unit in fsdp_units(model) if sharded else []:
+            unit.set_requires_gradient_sync(last, recurse=False)
         sync = accelerator.no_sync(model) if not (last or sharded) else contextlib.nullcontext()
         with sync:
             loss, st = loss_fn(b)
@@ -214,9 +266,10 @@ def check_trainable(skipped: int, steps: int, where: str, lr: float, data: str) 
                           f"lower train.lr (now {lr}) or check the data ({data})")
 
 
-def non_finite_weights_error(where: str, lr: float) -> ConfigError:
-    return ConfigError(f"{where}: the model has non-finite weights after training with train.lr={lr}; "
-                       f"nothing saved. Lower train.lr")
+def non_finite_weights_error(where: str, lr: float | None) -> ConfigError:
+    with_lr = f" with train.lr={lr}" if lr is not None else ""
+    return ConfigError(f"{where}: the model has non-finite weights after training{with_lr}; nothing saved. "
+                       f"Lower train.lr")
 
 
 def check_finite_weights(model: torch.nn.Module, where: str, lr: float) -> None:
@@ -225,14 +278,16 @@ def check_finite_weights(model: torch.nn.Module, where: str, lr: float) -> None:
         raise non_finite_weights_error(where, lr)
 
 
-def gathered_state_dict(accelerator, model: torch.nn.Module, where: str, lr: float) -> dict:
-    """The full (unsharded) weights of an FSDP2 ``model``, on the CPU of rank 0 (every process takes part);
-    non-finite weights raise on every process, as :func:`check_finite_weights` does unsharded."""
+def gathered_state_dict(device: torch.device, model: torch.nn.Module, where: str, lr: float | None) -> dict:
+    """The full (unsharded) weights of an FSDP2 ``model``, on the CPU of rank 0 (every process takes part;
+    ``device``: this process's, for the collective); non-finite weights raise on every process, as
+    :func:`check_finite_weights` does unsharded."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    bad = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in full.values())))
-    if accelerator.reduce(bad.to(accelerator.device), "sum").item():  # rank 0 holds it all; all decide
+    bad = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in full.values())), device=device)
+    torch.distributed.all_reduce(bad)  # rank 0 holds it all; every process decides
+    if bad.item():
         raise non_finite_weights_error(where, lr)
     first: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -241,6 +296,22 @@ def gathered_state_dict(accelerator, model: torch.nn.Module, where: str, lr: flo
         if first.setdefault(id(p), name) != name and name in full:
             full[name] = full[first[id(p)]]
     return full
+
+
+def unsharded_copy(device: torch.device, model: torch.nn.Module, where: str, lr: float):
+    """On rank 0 a plain (unsharded) model holding a sharded ``model``'s gathered weights, for the work
+    after training that runs there alone (an RM's bias normalisation and evaluation); None elsewhere.
+    Every process takes part. Rank 0 briefly holds the gathered weights twice."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    full = gathered_state_dict(device, model, where, lr)
+    if torch.distributed.get_rank() != 0:
+        return None
+    auto = AutoModelForSequenceClassification if hasattr(model, "score") else AutoModelForCausalLM
+    plain = auto.from_config(model.config)
+    plain.load_state_dict(full, assign=True)  # the gathered tensors themselves, in their dtype
+    plain.tie_weights()
+    return plain.to(device)
 
 
 def save_checkpoint(accelerator, model: torch.nn.Module, tokenizer, path: str | Path, lr: float,
@@ -257,7 +328,7 @@ def save_checkpoint(accelerator, model: torch.nn.Module, tokenizer, path: str | 
     model = accelerator.unwrap_model(model)
     state_dict = None  # None: save_pretrained reads the model's own (unsharded) weights
     if is_sharded(model):
-        state_dict = gathered_state_dict(accelerator, model, str(path), lr)
+        state_dict = gathered_state_dict(accelerator.device, model, str(path), lr)
     else:
         check_finite_weights(model, str(path), lr)
     if accelerator.is_main_process:
@@ -343,8 +414,8 @@ def restore(accelerator, ckpt: Path, opt, sched, order_rng: random.Random, run: 
     full optimizer state).
     """
     st = load_state(ckpt / STATE)
-    if st["world_size"] != accelerator.num_processes:
-        raise ConfigError(f"resume: {ckpt} was written by {st['world_size']} processes, this run has "
+    if st.get("world_size", 1) != accelerator.num_processes:  # no world_size: an older 1-process DPO state
+        raise ConfigError(f"resume: {ckpt} was written by {st.get('world_size', 1)} processes, this run has "
                           f"{accelerator.num_processes}; resume with the same number for an exact continuation")
     sharded = model is not None and is_sharded(model)
     if st.get("sharded", False) != sharded:
@@ -359,7 +430,8 @@ def restore(accelerator, ckpt: Path, opt, sched, order_rng: random.Random, run: 
         opt.load_state_dict(st["opt"])
     sched.load_state_dict(st["sched"])
     order_rng.setstate(st["order_rng"])
-    set_rng_state(st["rng"][accelerator.process_index])
+    rng = st["rng"]  # one state per process; a single one from an older DPO checkpoint
+    set_rng_state(rng[accelerator.process_index] if isinstance(rng, list) else rng)
     pos = Position(**st["position"])
     if run.is_main:  # rows written after the checkpoint belong to steps that will be redone
         write_jsonl(run.path / "metrics.jsonl", [r for r in run.read_metrics() if r.get("step", 0) <= pos.step])

@@ -40,11 +40,11 @@ from instructrl.core.losses import dpo_loss, ipo_loss, plackett_luce_dpo_loss, r
 from instructrl.data import Ranking, load_rankings
 from instructrl.formatting import Example, TruncationStats, collate_examples, encode_prompt, encode_response, truncate
 from instructrl.io import DataError, RunDir, atomic_write_text
-from instructrl.runtime import Precision, device_field, make_runtime, precision_field, rng_state, set_rng_state
+from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.tracking import TrackerKind, tracker_field
-from instructrl.train.common import (Position, accumulate, check_trainable, cosine_schedule, latest_checkpoint,
-                                     load_state, optimizer_step, save_checkpoint, setup_accelerator,
-                                     split_global_batch)
+from instructrl.train.common import (SHARDING_HELP, Position, Sharding, accumulate, check_trainable, checkpoint_state,
+                                     cosine_schedule, latest_checkpoint, load_state, optimizer_step, prepare_model,
+                                     restore, same_count, save_checkpoint, setup_accelerator, split_global_batch)
 
 CACHE = "reference_logps.pt"
 
@@ -80,6 +80,8 @@ class DPOTrain:
     precision: Precision = precision_field()
     seed: int = param(0, "seed for shuffling and dropout", min=0, max=2**32 - 1)
     save_every: int = param(0, "also checkpoint every N optimizer steps (0 = at the end of each epoch only)", min=0)
+    sharding: Sharding = param("none", SHARDING_HELP + "; the reference log-probs are computed before, by rank 0 "
+                                       "with the whole reference (docs/pipeline.md, \"Sharded training\")")
 
     def validate(self):
         check(self.beta > 0 and math.isfinite(self.beta), "train.beta must be a finite number > 0")
@@ -252,11 +254,6 @@ def batch_loss(pol: torch.Tensor, b: PackedBatch, loss: str, beta: float, num_ra
     return fn(pol[w], pol[l], ref[w], ref[l], beta, weight=weight, num=num_rankings)
 
 
-def _state(pos: Position, opt, sched, order_rng: random.Random) -> dict:
-    return {"position": vars(pos).copy(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-            "order_rng": order_rng.getstate(), "rng": rng_state()}
-
-
 # ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
@@ -290,22 +287,16 @@ def train_dpo(cfg: DPOConfig) -> Path:
     model = load_causal_lm(str(ckpt) if ckpt else cfg.model)
     model.config.use_cache = False
     model.train()
-    opt = make_adamw([p for p in model.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
+    model, opt = prepare_model(accelerator, model, lambda ps: make_adamw(ps, tc.lr, tc.weight_decay), tc.sharding,
+                               run.info)
     steps_per_epoch = math.ceil(len(items) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     sched = cosine_schedule(opt, max(1, round(tc.warmup_ratio * total_steps)), total_steps, tc.min_lr_ratio)
-    model, opt = accelerator.prepare(model, opt)
     params = [p for p in model.parameters() if p.requires_grad]
     order_rng = random.Random(tc.seed)  # the same order on every process
     pos = Position()
     if ckpt is not None:
-        st = load_state(ckpt / "state.pt")
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        order_rng.setstate(st["order_rng"])
-        set_rng_state(st["rng"])
-        pos = Position(**st["position"])
-        run.info(f"resumed from {ckpt.name} (step {pos.step}, epoch {pos.epoch}, position {pos.start})")
+        pos, _ = restore(accelerator, ckpt, opt, sched, order_rng, run, model=model)
 
     # 5. steps -------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=pos.step, desc=f"dpo ({tc.loss})", disable=not accelerator.is_local_main_process)
@@ -317,9 +308,12 @@ def train_dpo(cfg: DPOConfig) -> Path:
         global_batch = [items[i] for i in pos.order[pos.start:pos.start + tc.batch_size]]
         micro = [collate(g, tok.pad_token_id) for g in pack(split_global_batch(global_batch, accelerator),
                                                             tc.micro_batch_size)]
-        if not micro:  # a short last batch left this process nothing: join the gradient sync with weight 0
-            micro = [collate(global_batch[:1], tok.pad_token_id)]
-            micro[0].ranks.zero_()  # all tied: no comparison, zero loss, zero gradient
+        real = len(micro)
+        # A short last batch left this process nothing, or (sharded) fewer passes than another: join the
+        # gradient sync and FSDP2's collectives with all-tied rankings (no comparison, zero loss and gradient)
+        for _ in range(real, max(1, same_count(accelerator, model, real))):
+            micro.append(collate(global_batch[:1], tok.pad_token_id))
+            micro[-1].ranks.zero_()
 
         def loss_fn(b):
             return batch_loss(logps(model, b, rt), b, tc.loss, tc.beta, len(global_batch))
@@ -327,7 +321,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         sts = accumulate(accelerator, model, micro, loss_fn)
         local = [sum(s["loss_sum"].item() for s in sts), sum(s["margin"].item() * s["pairs"] for s in sts),
                  sum(int(s["correct"]) for s in sts), sum(s["pairs"] for s in sts),
-                 sum(int(b.lm.attention_mask.sum()) for b in micro)]
+                 sum(int(b.lm.attention_mask.sum()) for b in micro[:real])]
         tot = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=rt.device), "sum").cpu().tolist()
         step_loss = tot[0] / len(global_batch)
         res = optimizer_step(accelerator, params, opt, sched, tc.max_grad_norm, step_loss)
@@ -350,7 +344,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         # 6. checkpoints ---------------------------------------------------
         if epoch_done or (tc.save_every and pos.step % tc.save_every == 0):
             check_trainable(pos.skipped, pos.step, "dpo", tc.lr, cfg.data.train)
-            state = _state(pos, opt, sched, order_rng)
+            state = checkpoint_state(accelerator, pos, opt, sched, order_rng, model=model)
             path = save_checkpoint(accelerator, model, tok, run.checkpoints / f"step-{pos.step:06d}", tc.lr,
                                    extra=lambda tmp: torch.save(state, tmp / "state.pt"))
             run.info(f"step {pos.step}: checkpoint -> {path}")

@@ -40,7 +40,7 @@ from instructrl.engines import EngineSettings
 from instructrl.lora import LoraSettings
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field, set_threads
 from instructrl.tracking import TrackerKind, tracker_field
-from instructrl.train.common import check_trainable, latest_checkpoint
+from instructrl.train.common import SHARDING_HELP, Sharding, check_trainable, latest_checkpoint
 from instructrl.train.processes import make_dist
 from instructrl.train.ppo_phases import (RewardFn, compute_advantages, generate_trajectory,
                                          load_data, load_models, make_optimisers,
@@ -156,8 +156,15 @@ class PPOTrain:
         "auto", "attention kernel of the training forward/backward: auto = eager (plain matmuls) under bf16 on "
                 "CPU, where the fused kernel's bf16 backward is slow (docs/ppo.md, Speed), else the model's "
                 "own; model = always the model's own; or eager / sdpa")
+    sharding: Sharding = param(
+        "none", SHARDING_HELP + "; all four models are sharded, the frozen reference and reward model for "
+                "memory alone; the rollouts sample on the policy's gathered weights; needs engine.name=hf "
+                "(docs/pipeline.md, \"Sharded training\")")
 
     def validate(self):
+        check(not (self.sharding == "fsdp2" and self.lora.enabled),
+              "train.sharding=fsdp2 with train.lora.rank > 0: sharding is for full fine-tuning (LoRA trains "
+              "small adapters and its saves need the unsharded base); use one of them")
         check(not (self.lora.enabled and self.trainable_layers == 0),
               "train.trainable_layers=0 with train.lora.rank > 0 leaves no block for the adapters; use -1 or N >= 1")
         check(self.tis_cap == 0 or self.tis_cap >= 1,
@@ -215,6 +222,9 @@ class PPOConfig:
               f"rollout.batch_size ({self.rollout.batch_size}) must be a multiple of train.minibatch_size "
               f"({self.train.minibatch_size})")
         grouped = self.train.advantage != "gae" or self.train.drop_uninformative_groups
+        check(not (self.train.sharding == "fsdp2" and self.engine.name == "vllm"),
+              "train.sharding=fsdp2 with engine.name=vllm: the engine is handed the policy's full weights after "
+              "every update, which a sharded policy does not hold; use engine.name=hf")
         check(not grouped or self.rollout.samples_per_prompt >= 2,
               f"train.advantage={self.train.advantage} / train.drop_uninformative_groups need "
               f"rollout.samples_per_prompt >= 2 (a response is compared with the other samples of its prompt)")
@@ -247,6 +257,10 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     reuse_logprobs = not use_vllm and (rc.old_logprobs == "sampling" or
                                        (rc.old_logprobs == "auto" and rt.amp_dtype is None))
     dist = make_dist(cfg, rt)
+    sharded = tc.sharding == "fsdp2" and dist.world > 1
+    if sharded and use_vllm:  # engine.name=auto found vllm installed
+        raise ConfigError(f"train.sharding=fsdp2: {engine_why}, and the engine is handed the policy's full weights "
+                          f"after every update, which a sharded policy does not hold; set engine.name=hf")
 
     # --- set-up: run folder, models, data, optimizers; a resumed run continues from its checkpoint ---
     run = RunDir.start(cfg.output_dir, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
@@ -254,7 +268,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     ckpt = latest_checkpoint(run.checkpoints) if cfg.resume else None
     if cfg.resume and ckpt is None:
         run.info("resume requested but no checkpoint found: starting from step 0")
-    models = load_models(cfg, rt, ckpt, scripted_reward=reward_fn is not None)
+    models = load_models(cfg, rt, ckpt, scripted_reward=reward_fn is not None,
+                         mesh=dist.device_mesh(rt.device) if sharded else None)
     data = load_data(cfg, models.tok)
     opts = make_optimisers(cfg, models)
     torch.manual_seed(cfg.seed)
@@ -275,7 +290,12 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
              + f"; old log-probs {'from sampling' if reuse_logprobs else 'recomputed'}; advantages: {tc.advantage}"
              + f"; {engine_why}" + (f", TIS cap {tc.tis_cap}" if use_vllm and tc.tis_cap else "")
              + f"; training attention: {models.train_attention or 'model default'}"
-             + (f"; lower {models.share} blocks shared by all models" if models.share else ""))
+             + (f"; lower {models.share} blocks shared by all models" if models.share else "")
+             + (f"; sharding: fsdp2 over {dist.world} processes ({', '.join(models.names)})"
+                + ("; train.share_frozen_blocks off (sharded)" if tc.share_frozen_blocks and tc.trainable_layers >= 0
+                   else "") if sharded else
+                "; sharding: train.sharding=fsdp2 with 1 process has nothing to shard over; running unsharded"
+                if tc.sharding == "fsdp2" else ""))
     if tc.tis_cap and not use_vllm:
         run.info("train.tis_cap has no effect with the built-in sampler (it samples with the trainer's own numerics)")
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
@@ -330,10 +350,10 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     bar.close()
     check_trainable(all_skipped, policy_steps, "ppo", tc.lr, cfg.prompts)  # never save a policy that never moved
 
+    save_final(run.path, models, dist)  # every process: a sharded model is gathered first
     if dist.is_main:
         from instructrl.plots import plot_reward_vs_sqrt_kl, reward_vs_sqrt_kl
 
-        save_final(run.path, models)
         plot_reward_vs_sqrt_kl({"ppo": reward_vs_sqrt_kl(run.read_metrics())}, run.path / "reward_vs_sqrt_kl.png")
     run.info(f"done: {progress.step} steps, skipped updates {progress.skipped}")
     run.close()

@@ -17,6 +17,15 @@ gathered so that advantages, whitening, the KL controller and the metrics see th
 in an update each process back-propagates the rows of the global minibatch it holds, normalised
 by the global token count, and the gradients are summed across processes once per optimizer
 step. One process and N processes therefore take the same steps (up to float rounding).
+
+With ``train.sharding=fsdp2`` (N > 1) all four models are ``fully_shard``-ed over the processes
+(``common.shard_model``): the policy and the value model with their gradients and Adam state, the
+frozen reference and reward model for memory alone. FSDP2's reduce-scatter then sums the gradients in
+each backward (divide factor 1, the manual all-reduce's sum), so the steps stay those of one process;
+every forward is a collective, so each process runs the same number of passes (weight-0 ones where its
+share of a minibatch is smaller), and sampling runs on the policy's gathered weights
+(``common.gathered_weights``: token-by-token decoding stops at a different step on each process).
+Checkpoints gather full weights and full optimizer state to rank 0, as the supervised loops do.
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ from instructrl.core.tensors import append_eos, gather_logprobs
 from instructrl.rollout import Generation, Rollout, sample
 from instructrl.runtime import Runtime
 from instructrl.scoring import micro_batches, response_logits, response_values, window
-from instructrl.train.common import all_finite, load_state
+from instructrl.train.common import (all_finite, fsdp_units, gathered_state_dict, gathered_weights, load_state,
+                                     reshard, shard_model)
 from instructrl.train.processes import Dist
 
 # A scripted reward for tests and experiments: (query [B,P], response [B,R], response_mask [B,R]) -> scores [B].
@@ -59,10 +69,16 @@ class Models:
     value: torch.nn.Module | None
     share: int = 0  # lower blocks shared (frozen, equal) by every model, run once per sequence
     train_attention: str | None = None
+    sharded: bool = False  # train.sharding=fsdp2 over > 1 process: every model fully_shard-ed
 
     @property
     def trained(self) -> list[torch.nn.Module]:
         return [m for m in (self.policy, self.value) if m is not None]
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, m in (("policy", self.policy), ("value", self.value), ("reference", self.ref),
+                               ("reward model", self.rm)) if m is not None]
 
     @property
     def eos_id(self) -> int:
@@ -73,11 +89,12 @@ class Models:
         return self.tok.pad_token_id
 
 
-def load_models(cfg, rt: Runtime, ckpt: Path | None, scripted_reward: bool) -> Models:
+def load_models(cfg, rt: Runtime, ckpt: Path | None, scripted_reward: bool, mesh=None) -> Models:
     """Policy (trained), reference (frozen SFT), reward (frozen), value (trained, initialised from the RM).
 
     A resumed run loads the trained policy and value model from its checkpoint (under LoRA: their
-    adapters, on the config's base); the rest from the config.
+    adapters, on the config's base); the rest from the config. ``mesh``: shard every model over it
+    (FSDP2), after each process has loaded it whole.
     """
     from instructrl.lora import apply_lora, check_model_targets, load_adapter
     from instructrl.models import (drop_stale_quantization, freeze_lower_layers, load_causal_lm, load_tokenizer,
@@ -114,14 +131,23 @@ def load_models(cfg, rt: Runtime, ckpt: Path | None, scripted_reward: bool) -> M
                 load_adapter(m, ckpt / ("policy" if m is policy else "value"))
         else:
             freeze_lower_layers(m, tc.trainable_layers)
-    for m in (policy, ref, rm, value):
-        if m is not None:
-            m.to(rt.device)
     models.train_attention = {"model": None, "auto": None}.get(tc.attention, tc.attention)
     if tc.attention == "auto" and rt.amp_dtype is not None and rt.device.type == "cpu":
         models.train_attention = "eager"  # the fused kernel's bf16 backward is slow on CPU (docs/ppo.md)
-    if tc.share_frozen_blocks and tc.trainable_layers >= 0:
+    # Sharded, the shared hidden state is off: it runs part of one model's trunk outside its FSDP units.
+    if tc.share_frozen_blocks and tc.trainable_layers >= 0 and mesh is None:
         models.share = shared_frozen_blocks([m for m in (policy, ref, rm, value) if m is not None], models.trained)
+    for m in (policy, ref, rm, value):
+        if m is not None and mesh is not None:  # FSDP2 moves each unit to the device as it shards it,
+            shard_model(m, mesh)                # so no process ever holds a whole model there
+        if m is not None:
+            m.to(rt.device)
+    if mesh is not None:
+        for m in models.trained:  # sum, as Dist.sum_gradients does (FSDP2 would average)
+            for unit in fsdp_units(m):
+                unit.set_gradient_divide_factor(1.0)
+                unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no PREMUL_SUM
+        models.sharded = True
     return models
 
 
@@ -174,20 +200,38 @@ class Optimisers:
     value_opt: torch.optim.Optimizer | None
     value_sched: object | None
     kl_ctl: rl_math.KLController
+    # sharded (FSDP2): (policy, value) whose optimizer states are gathered in full, keyed by parameter
+    # name, and scattered back on resume; every process must then call state_dict / load_state_dict
+    sharded: tuple = ()
+
+    def _opt_state(self, i: int, opt) -> dict:
+        if not self.sharded:
+            return opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.sharded[i], opt, options=StateDictOptions(full_state_dict=True,
+                                                                                       cpu_offload=True))
+
+    def _load_opt(self, i: int, opt, st: dict) -> None:
+        if not self.sharded:
+            return opt.load_state_dict(st)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.sharded[i], opt, st, options=StateDictOptions(full_state_dict=True))
 
     def state_dict(self) -> dict:
-        st = {"policy_opt": self.policy_opt.state_dict(), "policy_sched": self.policy_sched.state_dict(),
-              "kl_ctl": self.kl_ctl.state_dict()}
+        st = {"policy_opt": self._opt_state(0, self.policy_opt), "policy_sched": self.policy_sched.state_dict(),
+              "kl_ctl": self.kl_ctl.state_dict(), "sharded": bool(self.sharded)}
         if self.value_opt is not None:
-            st |= {"value_opt": self.value_opt.state_dict(), "value_sched": self.value_sched.state_dict()}
+            st |= {"value_opt": self._opt_state(1, self.value_opt), "value_sched": self.value_sched.state_dict()}
         return st
 
     def load_state_dict(self, st: dict) -> None:
-        self.policy_opt.load_state_dict(st["policy_opt"])
+        self._load_opt(0, self.policy_opt, st["policy_opt"])
         self.policy_sched.load_state_dict(st["policy_sched"])
         self.kl_ctl.load_state_dict(st["kl_ctl"])
         if self.value_opt is not None:
-            self.value_opt.load_state_dict(st["value_opt"])
+            self._load_opt(1, self.value_opt, st["value_opt"])
             self.value_sched.load_state_dict(st["value_sched"])
 
 
@@ -201,7 +245,8 @@ def make_optimisers(cfg, models: Models) -> Optimisers:
         vopt = make_adamw([p for p in models.value.parameters() if p.requires_grad], tc.value_lr, tc.weight_decay)
         vsched = warmup_schedule(vopt, tc.warmup_steps)
     return Optimisers(popt, warmup_schedule(popt, tc.warmup_steps), vopt, vsched,
-                      rl_math.KLController(kc.coef, kc.adaptive, kc.target, kc.horizon))
+                      rl_math.KLController(kc.coef, kc.adaptive, kc.target, kc.horizon),
+                      (models.policy, models.value) if models.sharded else ())
 
 
 @dataclass
@@ -267,9 +312,10 @@ def generate_trajectory(cfg, models: Models, prompts: list[list[int]], rows: ran
         return Generation(*(None if t is None else t.to(rt.device) for t in
                             (g.query, g.query_mask, g.response, g.response_mask, g.ended, g.logprobs, g.entropy)))
     models.policy.eval()
-    g = sample(models.policy, prompts, rc.max_new_tokens, models.eos_id, models.pad_id,
-               episode_generators(cfg.seed, step, rows, rt.device), rc.temperature, rc.top_k, rt.amp_dtype,
-               return_logprobs=with_logprobs)
+    with gathered_weights(models.policy):  # sharded: each process decodes its rows for as long as they last
+        g = sample(models.policy, prompts, rc.max_new_tokens, models.eos_id, models.pad_id,
+                   episode_generators(cfg.seed, step, rows, rt.device), rc.temperature, rc.top_k, rt.amp_dtype,
+                   return_logprobs=with_logprobs)
     models.policy.train()
     return g
 
@@ -327,6 +373,9 @@ def score_trajectory(cfg, models: Models, g: Generation, rt: Runtime, reuse_logp
                 values[rows, :r] = response_values(value, ids, am, r, low).float()
             if rm is not None:
                 scores[rows] = rm_score(rm, rm_ids, rm_am, rm_low).float()
+    for m in (policy, ref, value, rm) if models.sharded else ():  # a no-grad forward leaves the top units gathered
+        if m is not None:
+            reshard(m)
     if reward_fn is not None:
         scores = reward_fn(g.query, g.response, g.response_mask).float().to(dev)
     if rc.missing_eos_penalty is not None:
@@ -437,13 +486,39 @@ class UpdateStats:
 SUMMED = ("pg_loss", "vf_loss", "ptx_loss", "clipfrac", "approx_kl", "vf_clipfrac", "tokens")
 
 
+def most_passes(dist: Dist, mb: torch.Tensor, B: int, size: int) -> int:
+    """The most micro-batches any process runs for minibatch ``mb`` (each knows every process's rows)."""
+    return max(math.ceil(int(((mb >= s.start) & (mb < s.stop)).sum()) / size)
+               for s in (dist.local_rows(B, r) for r in range(dist.world)))
+
+
+def train_passes(local: torch.Tensor, batch: Rollout, size: int, count: int):
+    """(rows, p, r, weight): this process's rows of a minibatch in micro-batches (weight 1), then weight-0
+    passes over its first row up to ``count`` (sharded: every forward is a collective, so every process
+    runs as many as the busiest one; a weight-0 pass adds nothing to losses, gradients or counts)."""
+    n = 0
+    for rows, p, r in micro_batches(local, batch.query_mask, batch.response_mask, size) if len(local) else ():
+        n += 1
+        yield rows, p, r, 1.0
+    first = torch.zeros(1, dtype=torch.long, device=batch.query.device)
+    for _ in range(n, count):
+        _, p, r = next(micro_batches(first, batch.query_mask, batch.response_mask, size))
+        yield first, p, r, 0.0
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as one number: sharded gradients give a DTensor over the processes' shards."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, masks: GlobalMasks,
                lower: torch.Tensor | None, data: PPOData, progress: Progress, rt: Runtime, dist: Dist) -> UpdateStats:
     """``train.epochs`` passes over the global batch in minibatches; one optimizer step each.
 
     Each process back-propagates the rows of the minibatch it holds; losses are normalised by the
     minibatch's global counts (tokens, sequences) and gradients summed over processes, so the step is
-    the full minibatch's whatever the split into micro-batches and processes.
+    the full minibatch's whatever the split into micro-batches and processes. Sharded, FSDP2 sums them
+    in every backward (gradients stay sharded) and the processes run equal numbers of passes.
     """
     from instructrl.models import attention_implementation
 
@@ -468,6 +543,7 @@ def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, masks: Glo
                     "num_seqs": (pol.sum(1) > 0).sum().to(rt.device), "max_len": rc.max_new_tokens}
             move_policy = st.policy_updated and bool(norm["num_tokens"] > 0)  # else: only flat groups here
             local = (mb[(mb >= mine.start) & (mb < mine.stop)] - mine.start).to(rt.device)
+            count = most_passes(dist, mb, B, tc.micro_batch_size) if models.sharded else 0
             for opt in (opts.policy_opt, opts.value_opt):
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
@@ -475,47 +551,47 @@ def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, masks: Glo
             # One autocast context per optimizer step: autocast casts each weight to bf16 once and reuses
             # the copy for every micro-batch; the weights only change at the step, outside it.
             with rt.autocast(), attention_implementation(models.train_attention, *models.trained):
-                if len(local):
-                    for rows, p, r in micro_batches(local, batch.query_mask, batch.response_mask, tc.micro_batch_size):
-                        ids, am = window(batch, rows, p, r)
-                        m = batch.response_mask[rows, :r]
-                        low = (lower[rows, P - p: P + r], share) if share else None  # frozen: no grad needed
-                        if move_policy:
-                            lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature, low),
-                                                 batch.response[rows, :r])
-                            mp = policy_mask[rows, :r]
-                            adv = batch.advantages[rows, :r]
-                            if batch.is_weights is not None:  # TIS: w·A weighs each token's clipped loss by w
-                                adv = adv * batch.is_weights[rows, :r]
-                            pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], adv, mp, tc.cliprange, **norm)
-                            if tc.kl_in_loss:  # GRPO: β·KL(π‖π_SFT) in the loss, k3 estimator
-                                kl_term, _ = kl_loss(lp, batch.ref_logprobs[rows, :r], mp, **norm)
-                                pg = pg + beta * kl_term
-                            pg.backward()
-                            sums["pg_loss"] += float(pg.detach())
-                            sums["clipfrac"] += float(pst["clipfrac"])
-                            sums["approx_kl"] += float(pst["approx_kl"])
-                        if value is not None:
-                            v = response_values(value, ids, am, r, low).float()
-                            vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
-                                                     tc.cliprange_value, n_tok)
-                            vf.backward()
-                            sums["vf_loss"] += float(vf.detach())
-                            sums["vf_clipfrac"] += float(vst["vf_clipfrac"])
-                        sums["tokens"] += float(m.sum())
+                for rows, p, r, w in train_passes(local, batch, tc.micro_batch_size, count):
+                    ids, am = window(batch, rows, p, r)
+                    m = batch.response_mask[rows, :r] * w
+                    low = (lower[rows, P - p: P + r], share) if share else None  # frozen: no grad needed
+                    if move_policy:
+                        lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature, low),
+                                             batch.response[rows, :r])
+                        mp = policy_mask[rows, :r] * w
+                        adv = batch.advantages[rows, :r]
+                        if batch.is_weights is not None:  # TIS: w·A weighs each token's clipped loss by w
+                            adv = adv * batch.is_weights[rows, :r]
+                        pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], adv, mp, tc.cliprange, **norm)
+                        if tc.kl_in_loss:  # GRPO: β·KL(π‖π_SFT) in the loss, k3 estimator
+                            kl_term, _ = kl_loss(lp, batch.ref_logprobs[rows, :r], mp, **norm)
+                            pg = pg + beta * kl_term
+                        pg.backward()
+                        sums["pg_loss"] += float(pg.detach())
+                        sums["clipfrac"] += float(pst["clipfrac"])
+                        sums["approx_kl"] += float(pst["approx_kl"])
+                    if value is not None:
+                        v = response_values(value, ids, am, r, low).float()
+                        vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
+                                                 tc.cliprange_value, n_tok)
+                        vf.backward()
+                        sums["vf_loss"] += float(vf.detach())
+                        sums["vf_clipfrac"] += float(vst["vf_clipfrac"])
+                    sums["tokens"] += float(m.sum())
                 if data.ptx_ids and move_policy:
                     sums["ptx_loss"] += ptx_backward(cfg, models, data, progress, rt, dist)
             sums = dict(zip(sums, dist.sum(list(sums.values()), rt.device)))
-            dist.sum_gradients(pol_params + val_params)
+            if not models.sharded:  # sharded: FSDP2's reduce-scatter summed them in each backward
+                dist.sum_gradients(pol_params + val_params)
             # non-finite loss or gradient: skip that model's update, count it, never save it
-            pol_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
+            pol_norm = full_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm))
             if move_policy:
                 if math.isfinite(sums["pg_loss"] + sums["ptx_loss"]) and bool(torch.isfinite(pol_norm)):
                     opts.policy_opt.step()
                 else:
                     progress.skipped["policy"] += 1
             if value is not None:
-                val_norm = torch.nn.utils.clip_grad_norm_(value.parameters(), tc.max_grad_norm)
+                val_norm = full_norm(torch.nn.utils.clip_grad_norm_(value.parameters(), tc.max_grad_norm))
                 if math.isfinite(sums["vf_loss"]) and bool(torch.isfinite(val_norm)):
                     opts.value_opt.step()
                 else:
@@ -542,12 +618,15 @@ def ptx_backward(cfg, models: Models, data: PPOData, progress: Progress, rt: Run
                                                      cfg.seed + 1)]
     progress.ptx_pos += tc.ptx_batch_size
     n_ptx = sum(len(t) - 1 for t in texts)  # the global count: every process sees every text's length
-    texts = texts[dist.rank::dist.world]
+    mine = texts[dist.rank::dist.world]
+    chunks = [mine[i: i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)]
+    # sharded: as many passes as rank 0, which holds the most texts; the extra ones weigh 0
+    count = math.ceil(len(texts[0::dist.world]) / tc.micro_batch_size) if models.sharded else 0
     total = 0.0
-    for i in range(0, len(texts), tc.micro_batch_size):
-        ids, am = pad(texts[i: i + tc.micro_batch_size], models.pad_id, "right")
+    for j in range(max(len(chunks), count)):
+        ids, am = pad(chunks[j] if j < len(chunks) else texts[:1], models.pad_id, "right")
         ids, am = ids.to(rt.device), am.to(rt.device)
-        lm = am.float()
+        lm = am.float() * (j < len(chunks))
         lm[:, 0] = 0
         out = models.policy(input_ids=ids, attention_mask=am, use_cache=False)
         pt, _ = ptx_loss(out.logits, ids, lm, n_ptx)
@@ -588,17 +667,20 @@ def save_checkpoint(folder: Path, models: Models, opts: Optimisers, progress: Pr
     from instructrl.lora import is_lora, save_adapter
     from instructrl.runtime import rng_state
 
-    rngs = dist.gather_objects(rng_state())  # every process takes part, only the main one writes
+    final = folder / f"step-{progress.step:06d}"
+    # every process takes part (RNG streams; sharded: weights and optimizer states), the main one writes
+    rngs = dist.gather_objects(rng_state())
+    weights = trained_state_dicts(models, str(final))
+    opt_state = opts.state_dict()
     if not dist.is_main:
         return None
     # Updates with non-finite values are skipped; a finite update can still overflow the weights
-    # (train.lr=1e308), and such a model is never written.
-    if not all(all_finite(m) for m in models.trained):
+    # (train.lr=1e308), and such a model is never written (sharded: gathered_state_dict checks).
+    if not models.sharded and not all(all_finite(m) for m in models.trained):
         raise ConfigError(f"ppo step {progress.step}: the model has non-finite weights after an update; nothing "
                           f"saved. Lower train.lr / train.value_lr")
-    final = folder / f"step-{progress.step:06d}"
     state = {"step": progress.step, "prompt_pos": progress.prompt_pos, "ptx_pos": progress.ptx_pos,
-             "skipped": dict(progress.skipped), **opts.state_dict(), "rng": rngs, "world_size": dist.world}
+             "skipped": dict(progress.skipped), **opt_state, "rng": rngs, "world_size": dist.world}
     with atomic_dir(final, legacy=("state.pt",)) as tmp:
         for name, m in (("policy", models.policy), ("value", models.value)):
             if m is None:
@@ -606,11 +688,21 @@ def save_checkpoint(folder: Path, models: Models, opts: Optimisers, progress: Pr
             if is_lora(m):  # adapters (+ value head) only; the base is the config's
                 save_adapter(m, tmp / name)
             else:
-                m.save_pretrained(tmp / name, safe_serialization=True)
+                m.save_pretrained(tmp / name, state_dict=weights[name], safe_serialization=True)
         torch.save(state, tmp / "state.pt")
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def trained_state_dicts(models: Models, where: str) -> dict:
+    """Sharded: the policy's and value model's full weights gathered to rank 0 (every process takes part;
+    non-finite weights raise on all). Unsharded: None each, save_pretrained reads the model itself."""
+    out = {"policy": None, "value": None}
+    for name, m in (("policy", models.policy), ("value", models.value)) if models.sharded else ():
+        if m is not None:
+            out[name] = gathered_state_dict(next(m.parameters()).device, m, where, None)
+    return out
 
 
 def restore(ckpt: Path, opts: Optimisers, dist: Dist) -> Progress:
@@ -622,18 +714,26 @@ def restore(ckpt: Path, opts: Optimisers, dist: Dist) -> Progress:
     if saved_world != dist.world:
         raise ConfigError(f"resume: {ckpt} was written by {saved_world} process(es), this run has {dist.world}; "
                           f"resume with the same process count")
+    if st.get("sharded", False) != bool(opts.sharded):
+        raise ConfigError(f"resume: {ckpt} was written {'with' if st.get('sharded') else 'without'} "
+                          f"train.sharding=fsdp2, this run is {'' if opts.sharded else 'not '}sharded; resume "
+                          f"with the train.sharding it was written with")
     opts.load_state_dict(st)
     rng = st["rng"]
     set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
     return Progress(st["step"], st["prompt_pos"], st["ptx_pos"], st["skipped"])
 
 
-def save_final(folder: Path, models: Models) -> None:
+def save_final(folder: Path, models: Models, dist: Dist) -> None:
     """policy/ (with the tokenizer) and value/ as plain Hugging Face folders; LoRA adapters merged
-    into them, and also kept as adapters in policy_adapter/ and value_adapter/."""
+    into them, and also kept as adapters in policy_adapter/ and value_adapter/. Every process calls
+    it (sharded: the weights are gathered), the main one writes."""
     from instructrl.io import atomic_dir
     from instructrl.lora import is_lora, merged_copy, save_adapter
 
+    weights = trained_state_dicts(models, str(folder))
+    if not dist.is_main:
+        return
     for name, m in (("policy", models.policy), ("value", models.value)):
         if m is None:
             continue
@@ -641,6 +741,6 @@ def save_final(folder: Path, models: Models) -> None:
             save_adapter(m, folder / f"{name}_adapter")
             m = merged_copy(m)
         with atomic_dir(folder / name, legacy=("config.json",)) as tmp:
-            m.save_pretrained(tmp, safe_serialization=True)
+            m.save_pretrained(tmp, state_dict=weights[name], safe_serialization=True)
             if name == "policy":
                 models.tok.save_pretrained(tmp)

@@ -31,9 +31,16 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def local_rows(self, global_batch: int) -> slice:
-        b = global_batch // self.world
-        return slice(self.rank * b, (self.rank + 1) * b)
+    def local_rows(self, global_batch: int, rank: int | None = None) -> slice:
+        """The rows process ``rank`` (default: this one) holds of a global batch."""
+        b, r = global_batch // self.world, self.rank if rank is None else rank
+        return slice(r * b, (r + 1) * b)
+
+    def device_mesh(self, device: torch.device):
+        """The 1-D mesh of all processes that FSDP2 shards over."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(device.type, (self.world,))
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Every process's [b, ...] rows, concatenated in rank order -> [world*b, ...]; dim 1 zero-padded."""

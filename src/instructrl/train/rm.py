@@ -50,9 +50,11 @@ from instructrl.lora import LoraSettings
 from instructrl.reward_model import RewardScorer, get_bias, init_reward_model, save_reward_model, set_bias
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.tracking import TrackerKind, tracker_field
-from instructrl.train.common import (Position, accumulate, check_finite_weights, check_trainable, checkpoint_state,
-                                     drop_older_states, optimizer_step, restore, resume_checkpoint, save_checkpoint,
-                                     setup_accelerator, split_global_batch, split_validation)
+from instructrl.train.common import (SHARDING_HELP, Position, Sharding, accumulate, check_finite_weights,
+                                     check_trainable, checkpoint_state, drop_older_states, is_sharded,
+                                     optimizer_step, prepare_model, restore, resume_checkpoint, same_count,
+                                     save_checkpoint, setup_accelerator, split_global_batch, split_validation,
+                                     unsharded_copy)
 
 
 
@@ -235,9 +237,13 @@ class RMTrain:
     log_every: int = param(1, "write a metrics row every N optimizer steps", min=1)
     save_every: int = param(0, "checkpoint every N optimizer steps and at each epoch's end, for --resume "
                                "(0 = no checkpoints: an interrupted run starts over)", min=0)
+    sharding: Sharding = param("none", SHARDING_HELP + " (docs/pipeline.md, \"Sharded training\")")
 
     def validate(self):
         check(self.epochs >= 1, "train.epochs must be >= 1")
+        check(not (self.sharding == "fsdp2" and self.lora.enabled),
+              "train.sharding=fsdp2 with train.lora.rank > 0: sharding is for full fine-tuning (LoRA trains "
+              "a small adapter and its saves need the unsharded base); use one of them")
         check(self.lr > 0, "train.lr must be > 0")
         check(self.batch_size >= 1 and self.micro_batch_size >= 1, "train.batch_size and micro_batch_size must be >= 1")
         check(0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
@@ -345,17 +351,17 @@ def train_rm(cfg: RMConfig) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
     run.info(f"model: {type(model).__name__} from {cfg.model}; {sum(p.numel() for p in trainable):,} trainable "
              f"parameters" + (f" (LoRA rank {tc.lora.rank} + head)" if tc.lora.enabled else ""))
-    scorer = RewardScorer(model)
-    opt = make_adamw(trainable, tc.lr, tc.weight_decay)
+    # DDP wraps the scorer (its forward is the one call), FSDP2 shards the model inside it
+    scorer, opt = prepare_model(accelerator, model, lambda ps: make_adamw(ps, tc.lr, tc.weight_decay), tc.sharding,
+                                run.info, wrap=RewardScorer)
     steps_per_epoch = math.ceil(len(train_items) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, round(tc.warmup_ratio * total_steps), total_steps,
                                                          min_lr_rate=tc.min_lr_ratio)
-    scorer, opt = accelerator.prepare(scorer, opt)
     order_rng = random.Random(tc.seed)  # the same order on every process
     pos = Position()
     if ckpt is not None:
-        pos, _ = restore(accelerator, ckpt, opt, sched, order_rng, run)
+        pos, _ = restore(accelerator, ckpt, opt, sched, order_rng, run, model=model)
 
     # 4. epochs ------------------------------------------------------------
     params = [p for p in scorer.parameters() if p.requires_grad]
@@ -368,6 +374,12 @@ def train_rm(cfg: RMConfig) -> Path:
         global_batch = [train_items[i] for i in pos.order[pos.start:pos.start + tc.batch_size]]
         mine = split_global_batch(global_batch, accelerator)
         micro = [collate_rankings(g, pad_id) for g in pack_rankings(mine, tc.micro_batch_size)]
+        real = len(micro)
+        # A process with no share (a short last batch) or, sharded, fewer passes than another joins
+        # the gradient sync and FSDP2's collectives with all-tied rankings: no comparison, zero loss.
+        for _ in range(real, max(1, same_count(accelerator, model, real))):
+            micro.append(collate_rankings(global_batch[:1], pad_id))
+            micro[-1].ranks.zero_()
 
         def loss_fn(b):
             with autocast():
@@ -377,8 +389,8 @@ def train_rm(cfg: RMConfig) -> Path:
 
         sts = accumulate(accelerator, scorer, micro, loss_fn)
         local = [sum(st["loss_sum"].item() for st in sts), sum(int(st["correct"]) for st in sts),
-                 sum(st["pairs"] for st in sts), sum(b.input_ids.shape[0] for b in micro),
-                 sum(int(b.attention_mask.sum()) for b in micro)]
+                 sum(st["pairs"] for st in sts), sum(b.input_ids.shape[0] for b in micro[:real]),
+                 sum(int(b.attention_mask.sum()) for b in micro[:real])]
         tot = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=dev), "sum").cpu()
         step_loss = tot[0].item() / len(global_batch)
         res = optimizer_step(accelerator, params, opt, sched, tc.max_grad_norm, step_loss)
@@ -400,7 +412,7 @@ def train_rm(cfg: RMConfig) -> Path:
         if epoch_done:
             pos.epoch, pos.start, pos.order = pos.epoch + 1, 0, None
         if tc.save_every and (epoch_done or pos.step % tc.save_every == 0):
-            state = checkpoint_state(accelerator, pos, opt, sched, order_rng)
+            state = checkpoint_state(accelerator, pos, opt, sched, order_rng, model=model)
             path = save_checkpoint(accelerator, model, tok, run.checkpoints / f"step-{pos.step:06d}", tc.lr,
                                    extra=lambda tmp: torch.save(state, tmp / "state.pt"))
             drop_older_states(accelerator, run.checkpoints, path)
@@ -410,6 +422,11 @@ def train_rm(cfg: RMConfig) -> Path:
     run.info(f"done: {pos.step} steps, {pos.skipped} skipped (non-finite loss or gradient)")
     run.close()
     model = accelerator.unwrap_model(scorer).model
+    if is_sharded(model):  # rank 0 normalises, saves and evaluates a plain copy of the gathered weights
+        model = unsharded_copy(dev, model, cfg.output_dir, tc.lr)
+        if model is None:
+            accelerator.wait_for_everyone()
+            return Path(cfg.output_dir) / "model"
     model.eval()
     check_finite_weights(model, cfg.output_dir, tc.lr)  # never save (or normalise) a broken model
 

@@ -51,7 +51,7 @@ from instructrl.lora import LoraSettings
 from instructrl.runtime import Runtime
 from instructrl.train.common import (SHARDING_HELP, Position, Sharding, accumulate, check_trainable,
                                      checkpoint_state, cosine_schedule, drop_older_states, is_sharded, optimizer_step,
-                                     prepare_model, restore, resume_checkpoint, same_count, save_checkpoint,
+                                     prepare_model, reshard, restore, resume_checkpoint, same_count, save_checkpoint,
                                      setup_accelerator, split_global_batch, split_validation)
 
 # Tests: SIGKILL this process right after optimizer step N (a 2-process run cut short, for --resume).
@@ -262,7 +262,7 @@ def validation_loss(model, examples: list[Example], pad_id: int, micro: int, acc
         tokens += st["tokens"].float()
     nll, tokens = accelerator.reduce(nll, "sum"), accelerator.reduce(tokens, "sum")
     if is_sharded(model):  # FSDP2 keeps the root's parameters gathered after a forward with no backward
-        model.reshard()
+        reshard(model)
     model.train()
     return (nll / tokens.clamp(min=1)).item()
 
