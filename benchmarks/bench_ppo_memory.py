@@ -88,23 +88,10 @@ runpy.run_module("instructrl", run_name="__main__")
 
 
 def build(root: Path) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check import random_smollm2
 
-    from instructrl.models import build_tiny_tokenizer
-    from instructrl.reward_model import init_reward_model, save_reward_model
-
-    policy, rm = root / "smollm2-135m-random", root / "rm-135m"
-    if not (rm / "config.json").exists():
-        tok = build_tiny_tokenizer()
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                          rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).save_pretrained(policy)
-        tok.save_pretrained(policy)
-        save_reward_model(init_reward_model(str(policy)), tok, rm)
+    policy, rm = random_smollm2(root)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": f"write a short line about topic {i}"}) + "\n"
                                for i in range(32)))

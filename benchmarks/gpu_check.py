@@ -22,7 +22,6 @@ import argparse
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -128,17 +127,16 @@ def tiny_stages(root: Path, device: str) -> dict:
     return results
 
 
-def timed_ppo_step(root: Path, device: str, lora: bool) -> dict:
-    """Two RLOO steps at SmolLM2-135M size (random weights); the second one timed."""
+def random_smollm2(root: Path) -> tuple[Path, Path]:
+    """(policy, reward model) folders with SmolLM2-135M's architecture and random weights (no download; the
+    weights would not fit the GPU machine's copy limit), built once under ``root``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from instructrl.config import load_config
     from instructrl.models import build_tiny_tokenizer
     from instructrl.reward_model import init_reward_model, save_reward_model
-    from instructrl.train.ppo import PPOConfig, train_ppo
 
-    model_dir = root / "smollm2-135m-random"
-    if not (model_dir / "config.json").exists():
+    model_dir, rm_dir = root / "smollm2-135m-random", root / "rm-135m"
+    if not (rm_dir / "config.json").exists():
         tok = build_tiny_tokenizer()
         cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
@@ -147,14 +145,23 @@ def timed_ppo_step(root: Path, device: str, lora: bool) -> dict:
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
-        save_reward_model(init_reward_model(str(model_dir)), tok, root / "rm-135m")
+        save_reward_model(init_reward_model(str(model_dir)), tok, rm_dir)
+    return model_dir, rm_dir
+
+
+def timed_ppo_step(root: Path, device: str, lora: bool) -> dict:
+    """Two RLOO steps at SmolLM2-135M size (random weights); the second one timed."""
+    from instructrl.config import load_config
+    from instructrl.train.ppo import PPOConfig, train_ppo
+
+    model_dir, rm_dir = random_smollm2(root)
     prompts = root / "prompts.jsonl"
     name = "ppo-135m" + ("-lora" if lora else "")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     out = root / name
     train_ppo(load_config(PPOConfig, None, [
-        f"policy={model_dir}", f"reward_model={root / 'rm-135m'}", f"prompts={prompts}", f"output_dir={out}",
+        f"policy={model_dir}", f"reward_model={rm_dir}", f"prompts={prompts}", f"output_dir={out}",
         "steps=2", "rollout.batch_size=64", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=64",
         "train.advantage=rloo", "train.minibatch_size=16", "train.micro_batch_size=16", "train.score_batch_size=64",
         f"device={device}", *(["train.lora.rank=16", "train.lr=1e-4"] if lora else []), "overwrite=true"]))
