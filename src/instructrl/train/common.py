@@ -30,7 +30,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import torch
 
@@ -76,6 +76,9 @@ def refuse_sharding(env) -> None:
                               f"torchrun and train.sharding=fsdp2 (docs/pipeline.md, \"Sharded training\"), or use a plain "
                               f"multi-process config (data parallel) and train.lora.rank > 0 to fit a large "
                               f"model (docs/lora.md)")
+
+
+ONE_PROCESS_FSDP2 = "sharding: train.sharding=fsdp2 with 1 process has nothing to shard over; running unsharded"
 
 
 def fsdp_units(model) -> list:
@@ -161,7 +164,7 @@ def prepare_model(accelerator, model: torch.nn.Module, make_optimizer: Callable[
              f"weights, gradients and optimizer state split, checkpoints gathered to rank 0")
         return wrap(model), make_optimizer([p for p in model.parameters() if p.requires_grad])
     if sharding == "fsdp2":
-        info("sharding: train.sharding=fsdp2 with 1 process has nothing to shard over; running unsharded")
+        info(ONE_PROCESS_FSDP2)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
     return accelerator.prepare(wrap(model), opt)
 
@@ -175,6 +178,20 @@ def same_count(accelerator, model, n: int) -> int:
     t = torch.tensor(n, device=accelerator.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+def pad_with_tied_rankings(accelerator, model, micro: list, collate_first: Callable[[], Any]) -> int:
+    """Append all-tied ranking batches to ``micro`` until this process runs as many passes as every other,
+    and at least one: a process with no share of a short last batch still joins the gradient sync, and
+    sharded, FSDP2's collectives. ``collate_first()`` collates one ranking of the global batch; its
+    ranks are then all tied, so it makes no comparison, no loss and no gradient. Returns the number of
+    real micro-batches (the ones that count in the step's statistics)."""
+    real = len(micro)
+    for _ in range(real, max(1, same_count(accelerator, model, real))):
+        b = collate_first()
+        b.ranks.zero_()
+        micro.append(b)
+    return real
 
 
 def split_global_batch(global_batch: Sequence[T], accelerator) -> list[T]:

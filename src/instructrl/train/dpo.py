@@ -43,8 +43,9 @@ from instructrl.io import DataError, RunDir, atomic_write_text
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field
 from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.train.common import (SHARDING_HELP, Position, Sharding, accumulate, check_trainable, checkpoint_state,
-                                     cosine_schedule, latest_checkpoint, load_state, optimizer_step, prepare_model,
-                                     restore, same_count, save_checkpoint, setup_accelerator, split_global_batch)
+                                     cosine_schedule, latest_checkpoint, load_state, optimizer_step,
+                                     pad_with_tied_rankings, prepare_model, restore, save_checkpoint,
+                                     setup_accelerator, split_global_batch)
 
 CACHE = "reference_logps.pt"
 
@@ -308,12 +309,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         global_batch = [items[i] for i in pos.order[pos.start:pos.start + tc.batch_size]]
         micro = [collate(g, tok.pad_token_id) for g in pack(split_global_batch(global_batch, accelerator),
                                                             tc.micro_batch_size)]
-        real = len(micro)
-        # A short last batch left this process nothing, or (sharded) fewer passes than another: join the
-        # gradient sync and FSDP2's collectives with all-tied rankings (no comparison, zero loss and gradient)
-        for _ in range(real, max(1, same_count(accelerator, model, real))):
-            micro.append(collate(global_batch[:1], tok.pad_token_id))
-            micro[-1].ranks.zero_()
+        real = pad_with_tied_rankings(accelerator, model, micro, lambda: collate(global_batch[:1], tok.pad_token_id))
 
         def loss_fn(b):
             return batch_loss(logps(model, b, rt), b, tc.loss, tc.beta, len(global_batch))

@@ -52,7 +52,7 @@ from instructrl.runtime import Precision, device_field, make_runtime, precision_
 from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.train.common import (SHARDING_HELP, Position, Sharding, accumulate, check_finite_weights,
                                      check_trainable, checkpoint_state, drop_older_states, is_sharded,
-                                     optimizer_step, prepare_model, restore, resume_checkpoint, same_count,
+                                     optimizer_step, pad_with_tied_rankings, prepare_model, restore, resume_checkpoint,
                                      save_checkpoint, setup_accelerator, split_global_batch, split_validation,
                                      unsharded_copy)
 
@@ -374,12 +374,7 @@ def train_rm(cfg: RMConfig) -> Path:
         global_batch = [train_items[i] for i in pos.order[pos.start:pos.start + tc.batch_size]]
         mine = split_global_batch(global_batch, accelerator)
         micro = [collate_rankings(g, pad_id) for g in pack_rankings(mine, tc.micro_batch_size)]
-        real = len(micro)
-        # A process with no share (a short last batch) or, sharded, fewer passes than another joins
-        # the gradient sync and FSDP2's collectives with all-tied rankings: no comparison, zero loss.
-        for _ in range(real, max(1, same_count(accelerator, model, real))):
-            micro.append(collate_rankings(global_batch[:1], pad_id))
-            micro[-1].ranks.zero_()
+        real = pad_with_tied_rankings(accelerator, model, micro, lambda: collate_rankings(global_batch[:1], pad_id))
 
         def loss_fn(b):
             with autocast():
