@@ -336,7 +336,12 @@ def kv_cache_bytes(settings: EngineSettings, cuda: bool, total_ram: int) -> int 
         return int(settings.kv_cache_gib * GiB)
     if cuda:
         return None
-    return int((settings.gpu_memory_utilization or 0.2) * total_ram)
+    return int(memory_share(settings, cuda) * total_ram)
+
+
+def memory_share(settings: EngineSettings, cuda: bool) -> float:
+    """``engine.gpu_memory_utilization``, or its default when 0: 0.5 of a GPU, 0.2 of a CPU's RAM."""
+    return settings.gpu_memory_utilization or (0.5 if cuda else 0.2)
 
 
 def explain_start_error(e: Exception, kv_bytes: int | None) -> ConfigError | None:
@@ -373,7 +378,7 @@ def _start_vllm(path: str, settings: EngineSettings, dtype: str, seed: int):
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     threads, set_threads = torch.get_num_threads(), torch.set_num_threads
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    util = settings.gpu_memory_utilization or (0.5 if cuda else 0.2)
+    util = memory_share(settings, cuda)
     try:
         from vllm import LLM
 
