@@ -40,7 +40,8 @@ from instructrl.engines import EngineSettings
 from instructrl.lora import LoraSettings
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field, set_threads
 from instructrl.tracking import TrackerKind, tracker_field
-from instructrl.train.common import SHARDING_HELP, Sharding, check_trainable, latest_checkpoint
+from instructrl.train.common import (ONE_PROCESS_FSDP2, SHARDING_HELP, Sharding, check_trainable,
+                                     latest_checkpoint)
 from instructrl.train.processes import make_dist
 from instructrl.train.ppo_phases import (RewardFn, compute_advantages, generate_trajectory,
                                          load_data, load_models, make_optimisers,
@@ -48,6 +49,8 @@ from instructrl.train.ppo_phases import (RewardFn, compute_advantages, generate_
                                          score_trajectory, step_prompts)
 
 # Fault injection for the crash test: SIGKILL this process right after finishing this step.
+# why PPO cannot shard with vLLM rollouts (said by validate, and at start when engine.name=auto finds vLLM)
+SHARDED_VLLM = "the engine is handed the policy's full weights after every update, which a sharded policy does not hold"
 KILL_ENV = "INSTRUCTRL_PPO_KILL_AFTER_STEP"
 
 
@@ -223,8 +226,7 @@ class PPOConfig:
               f"({self.train.minibatch_size})")
         grouped = self.train.advantage != "gae" or self.train.drop_uninformative_groups
         check(not (self.train.sharding == "fsdp2" and self.engine.name == "vllm"),
-              "train.sharding=fsdp2 with engine.name=vllm: the engine is handed the policy's full weights after "
-              "every update, which a sharded policy does not hold; use engine.name=hf")
+              f"train.sharding=fsdp2 with engine.name=vllm: {SHARDED_VLLM}; use engine.name=hf")
         check(not grouped or self.rollout.samples_per_prompt >= 2,
               f"train.advantage={self.train.advantage} / train.drop_uninformative_groups need "
               f"rollout.samples_per_prompt >= 2 (a response is compared with the other samples of its prompt)")
@@ -233,6 +235,16 @@ class PPOConfig:
 # ---------------------------------------------------------------------------
 # The algorithm
 # ---------------------------------------------------------------------------
+
+
+def sharding_note(tc: PPOTrain, world: int, models) -> str:
+    """The start line's part on ``train.sharding`` (empty when it is off)."""
+    if tc.sharding != "fsdp2":
+        return ""
+    if not models.sharded:
+        return f"; {ONE_PROCESS_FSDP2}"
+    off = "; train.share_frozen_blocks off (sharded)" if tc.share_frozen_blocks and tc.trainable_layers >= 0 else ""
+    return f"; sharding: fsdp2 over {world} processes ({', '.join(models.names)}){off}"
 
 
 def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
@@ -259,8 +271,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     dist = make_dist(cfg, rt)
     sharded = tc.sharding == "fsdp2" and dist.world > 1
     if sharded and use_vllm:  # engine.name=auto found vllm installed
-        raise ConfigError(f"train.sharding=fsdp2: {engine_why}, and the engine is handed the policy's full weights "
-                          f"after every update, which a sharded policy does not hold; set engine.name=hf")
+        raise ConfigError(f"train.sharding=fsdp2: {engine_why}, and {SHARDED_VLLM}; set engine.name=hf")
 
     # --- set-up: run folder, models, data, optimizers; a resumed run continues from its checkpoint ---
     run = RunDir.start(cfg.output_dir, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
@@ -291,11 +302,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
              + f"; {engine_why}" + (f", TIS cap {tc.tis_cap}" if use_vllm and tc.tis_cap else "")
              + f"; training attention: {models.train_attention or 'model default'}"
              + (f"; lower {models.share} blocks shared by all models" if models.share else "")
-             + (f"; sharding: fsdp2 over {dist.world} processes ({', '.join(models.names)})"
-                + ("; train.share_frozen_blocks off (sharded)" if tc.share_frozen_blocks and tc.trainable_layers >= 0
-                   else "") if sharded else
-                "; sharding: train.sharding=fsdp2 with 1 process has nothing to shard over; running unsharded"
-                if tc.sharding == "fsdp2" else ""))
+             + sharding_note(tc, dist.world, models))
     if tc.tis_cap and not use_vllm:
         run.info("train.tis_cap has no effect with the built-in sampler (it samples with the trainer's own numerics)")
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
