@@ -306,13 +306,14 @@ _REQUIRED = {
 _CROSS_FIELD = {"max_length", "k_max", "processes", "batch_size", "samples_per_prompt"}
 
 
-def _bounded_fields(cls, prefix=""):
+def config_fields(cls, prefix=""):
+    """(dotted key, field metadata, type) of every leaf field of config class ``cls``, sections walked."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
-            yield from _bounded_fields(t, prefix + f.name + ".")
-        elif t in (int, float):
+            yield from config_fields(t, prefix + f.name + ".")
+        else:
             yield prefix + f.name, f.metadata, t
 
 
@@ -321,8 +322,8 @@ def test_every_inclusive_bound_that_help_advertises_is_accepted():
     refused = []
     for key, (module, cls_name, _, _) in COMMANDS.items():
         cls = getattr(importlib.import_module(module), cls_name)
-        for name, meta, t in _bounded_fields(cls):
-            if name.split(".")[-1] in _CROSS_FIELD:
+        for name, meta, t in config_fields(cls):
+            if t not in (int, float) or name.split(".")[-1] in _CROSS_FIELD:
                 continue
             for bound, strict in (("min", "min_exclusive"), ("max", "max_exclusive")):
                 if bound in meta and not meta.get(strict):

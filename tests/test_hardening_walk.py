@@ -3,7 +3,6 @@ would (encodings, file types, extreme numbers, unicode edge cases, config shapes
 line naming the file:line:field or the key, exit 2, and never a traceback. docs/hardening.md maps every
 item of the issue to its test."""
 
-import dataclasses
 import importlib
 import json
 import os
@@ -15,6 +14,7 @@ import pytest
 from instructrl.cli import COMMANDS, main
 from instructrl.config import ConfigError
 from instructrl.io import DataError, OutputError, read_jsonl
+from test_config import config_fields
 
 DEMO = {"prompt": "Say hi.", "response": "Hi there."}
 RANK = {"prompt": "Say hi.", "responses": ["Hi there.", "Go away."], "ranking": [0, 1]}
@@ -169,16 +169,10 @@ def test_the_issues_settings_are_refused_by_the_real_commands(command, override,
     assert message in err and f"override {override!r}" in err, err
 
 
-def _numeric_fields(cls, prefix=""):
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            yield from _numeric_fields(tp, prefix + f.name + ".")
-            continue
-        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-        if any(a in (int, float) for a in args) or (typing.get_origin(tp) is list and args[0] in (int, float)):
-            yield prefix + f.name, f.metadata
+def _numeric(tp) -> bool:
+    """int, float, an optional one or a list of them."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return any(a in (int, float) for a in args) or (typing.get_origin(tp) is list and args[0] in (int, float))
 
 
 def test_every_numeric_config_field_declares_its_range():
@@ -186,8 +180,8 @@ def test_every_numeric_config_field_declares_its_range():
     missing = []
     for key, (module, cls_name, _, _) in COMMANDS.items():
         cls = getattr(importlib.import_module(module), cls_name)
-        missing += [f"{' '.join(key)} {name}" for name, meta in _numeric_fields(cls)
-                    if "min" not in meta and "max" not in meta]
+        missing += [f"{' '.join(key)} {name}" for name, meta, tp in config_fields(cls)
+                    if _numeric(tp) and "min" not in meta and "max" not in meta]
     assert not missing, "\n".join(missing)
 
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import torch
 import yaml
 
 from instructrl.train.ppo import KILL_ENV
+from launch_util import cli, moved, rows, weights
 
 PROMPTS = ["write a haiku about the sea", "list three colors", "say hello", "explain rain",
            "name a fruit", "count to five", "describe a cat", "what is two plus two"]
@@ -47,21 +45,24 @@ def write_cfg(tmp_path: Path, name: str, base: dict, **sections) -> Path:
 
 
 def run(cfg: Path, nproc: int, resume: bool = False, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    launcher = [sys.executable, "-m"] if nproc == 1 else [str(Path(sys.executable).with_name("torchrun")),
-                                                          "--nproc_per_node", str(nproc), "-m"]
-    cmd = [*launcher, "instructrl", "ppo", "--config", str(cfg)] + (["--resume"] if resume else [])
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return cli(["ppo", "--config", str(cfg)] + (["--resume"] if resume else []), nproc, env_extra, timeout=600)
 
 
-def weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(folder / "model.safetensors")
-
-
-def metrics(folder: Path) -> list[dict]:
-    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+def assert_same_steps(one: Path, two: Path, start: dict) -> None:
+    """Two PPO runs of one global batch took the same steps: equal metrics, and policy and value weights
+    equal to 1% of how far training moved them. The runs sum the gradients in another order; Adam turns
+    that rounding into up to ~2e-5 on a few weights (2.3e-5 in 1 of 12288 on an AMX Xeon). A wrong split
+    or scaling moves weights by about as much as training does, far beyond 1% of it."""
+    for a, b in zip(rows(one), rows(two)):
+        for k in ("score", "kl", "response_length", "pg_loss", "vf_loss", "ptx_loss", "explained_variance"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    for sub in ("policy", "value"):
+        a, b = weights(one / sub), weights(two / sub)
+        assert a.keys() == b.keys()  # the tied lm_head is written once
+        m = moved(a, start)
+        assert m > 1e-3  # it really trained
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=0.01 * m, rtol=1e-4)
 
 
 def test_two_processes_take_the_steps_of_one(setup, tmp_path, tiny_model_dir):
@@ -72,23 +73,10 @@ def test_two_processes_take_the_steps_of_one(setup, tmp_path, tiny_model_dir):
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = run(two, 2)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    m1, m2 = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [m["world_size"] for m in m2] == [2] * 4 and [m["episodes"] for m in m2] == [4] * 4
     assert [m["world_size"] for m in m1] == [1] * 4
-    for a, b in zip(m1, m2):
-        for k in ("score", "kl", "response_length", "pg_loss", "vf_loss", "ptx_loss", "explained_variance"):
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
-    start = weights(Path(tiny_model_dir))
-    for sub in ("policy", "value"):
-        a, b = weights(tmp_path / "one" / sub), weights(tmp_path / "two" / sub)
-        assert a.keys() == b.keys()
-        moved = max((a[k] - start[k]).abs().max().item() for k in start if k in a)
-        assert moved > 1e-3  # it really trained
-        # the two sum the gradients in another order; Adam turns that rounding into up to ~2e-5 on a few
-        # weights (2.3e-5 in 1 of 12288 on an AMX Xeon). A wrong split or scaling moves weights by about
-        # as much as training does, far beyond 1% of it.
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=0.01 * moved, rtol=1e-4)
+    assert_same_steps(tmp_path / "one", tmp_path / "two", weights(Path(tiny_model_dir)))
     log = (tmp_path / "two" / "log.txt").read_text()
     assert "2 process(es), 4 episodes each per step" in log
 
@@ -107,7 +95,7 @@ def test_killed_two_process_run_resumes_exactly(setup, tmp_path):
     a, b = weights(tmp_path / "full" / "policy"), weights(tmp_path / "crashed" / "policy")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [m["step"] for m in metrics(tmp_path / "crashed")] == [1, 2, 3, 4]
+    assert [m["step"] for m in rows(tmp_path / "crashed")] == [1, 2, 3, 4]
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(setup, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from instructrl.config import ConfigError, load_config
 from instructrl.train.ppo import KILL_ENV, PPOConfig
 import test_ppo_dist
-from launch_util import cli, moved, rows, weights
+from launch_util import cli, rows, weights
 from test_ppo_dist import write_cfg
 
 setup = test_ppo_dist.setup  # the tiny policy, its RM, prompts and ptx texts (a fixture)
@@ -35,21 +35,9 @@ def test_two_sharded_processes_take_the_steps_of_one(setup, tmp_path, tiny_model
     r = ppo(write_cfg(tmp_path, "one", setup, **SHARDED), 1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "nothing to shard over; running unsharded" in (tmp_path / "one" / "log.txt").read_text()
-    m1, m2 = rows(tmp_path / "one"), rows(sharded_run)
-    assert [m["world_size"] for m in m2] == [2] * 4
-    for a, b in zip(m1, m2):
-        for k in ("score", "kl", "response_length", "pg_loss", "vf_loss", "ptx_loss", "explained_variance"):
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    assert [m["world_size"] for m in rows(sharded_run)] == [2] * 4
     start = weights(Path(tiny_model_dir))
-    for sub in ("policy", "value"):
-        a, b = weights(tmp_path / "one" / sub), weights(sharded_run / sub)
-        assert a.keys() == b.keys()  # the tied lm_head is written once
-        m = moved(a, start)
-        assert m > 1e-3  # it really trained
-        # another summation order; Adam turns the rounding into a tiny share of the movement (a wrong
-        # split or scaling moves weights by about as much as training does)
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=0.01 * m, rtol=1e-4)
+    test_ppo_dist.assert_same_steps(tmp_path / "one", sharded_run, start)
     st = torch.load(sharded_run / "checkpoints" / "step-000004" / "state.pt", weights_only=False)
     assert st["sharded"] and st["world_size"] == 2
     key = "model.layers.0.mlp.up_proj.weight"
