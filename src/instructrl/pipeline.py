@@ -240,7 +240,8 @@ DERIVED = {
 }
 DERIVED_FROM = {"sft.model": "model", "rm.model": "model", "ppo.policy": "model", "sft.device": "device",
                 "ppo.rollout.max_new_tokens": "data.max_new_tokens", "sft.train.seed": "data.seed",
-                "sft.output_dir": "output_dir", "eval.output_dir": "output_dir", "ppo.output_dir": "output_dir", "ppo.out": "output_dir", "ppo.engine": "engine", "sft.engine": "engine",
+                "sft.output_dir": "output_dir", "eval.output_dir": "output_dir", "ppo.output_dir": "output_dir",
+                "ppo.out": "output_dir", "ppo.engine": "engine", "sft.engine": "engine",
                 "sft.train.precision": "precision", "rm.train.precision": "precision",
                 "ppo.train.precision": "precision", "eval.precision": "precision"}
 PipelineConfig.DERIVED_FROM = DERIVED_FROM  # config.qualify_keys: a stage's error names the key the user sets

@@ -73,7 +73,8 @@ def generate(model, tok, prompt_ids: Sequence[list[int]], *, max_new_tokens: int
     """Answer every prompt with a generation engine (default ``rollout.sample``); optionally the KL to ``ref``.
 
     Built-in sampler: prompts are batched in order of length (less padding). vLLM (``engine.name=vllm``,
-    or auto where vllm is importable: :func:`instructrl.engines.resolved`) samples ``model``'s current weights, all prompts in one call. Answers are returned in prompt order.
+    or auto where vllm is importable: :func:`instructrl.engines.resolved`) samples ``model``'s current
+    weights, all prompts in one call. Answers are returned in prompt order.
     Greedy decoding is top-k = 1. With ``ref``, each answer's sequence KL is computed from the same
     logits PPO uses (temperature-scaled; T = 1 when greedy), by Hugging Face forwards whatever the
     engine. ``model`` (and ``ref``) must be on ``rt.device``.

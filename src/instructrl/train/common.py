@@ -73,8 +73,8 @@ def refuse_sharding(env) -> None:
         if str(env.get(var, "")).lower() in ("1", "true", "yes"):
             raise ConfigError(f"{var}=true: this accelerate config asks for {name} sharding, which instructrl "
                               f"does not take from accelerate; for sharded SFT, RM, DPO or PPO launch with "
-                              f"torchrun and train.sharding=fsdp2 (docs/pipeline.md, \"Sharded training\"), or use a plain "
-                              f"multi-process config (data parallel) and train.lora.rank > 0 to fit a large "
+                              f"torchrun and train.sharding=fsdp2 (docs/pipeline.md, \"Sharded training\"), "
+                              f"or use a plain multi-process config (data parallel) and train.lora.rank > 0 to fit a large "
                               f"model (docs/lora.md)")
 
 
