@@ -3,7 +3,7 @@
 # one), then the engine tests, which skip in the main venv.
 #
 #   bash .ci/vllm.sh                 # creates .venv-vllm (kept between runs), runs the engine tests in it
-#   bash .ci/vllm.sh --install-only  # only the venv (`make install-vllm`)
+#   bash .ci/vllm.sh --install-only  # only the venv (`make install` runs this)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "[vllm.sh] $*" >&2; }

@@ -190,7 +190,9 @@ def test_vllm_setting_without_vllm_is_a_clear_error(monkeypatch):
 def test_pipeline_has_an_engine_section():
     from instructrl.pipeline import load_pipeline_config
 
-    cfg = load_pipeline_config(None, ["preset=tiny"])
+    cfg = load_pipeline_config(None, ["preset=tiny"])  # auto: `make demo` samples with vLLM where it is installed
+    assert cfg.engine.name == "auto" and cfg.eval.engine.name == "auto"
+    cfg = load_pipeline_config(None, ["preset=tiny", "engine.name=hf", "eval.engine.name=hf"])
     assert cfg.engine.name == "hf" and cfg.eval.engine.name == "hf"
 
 

@@ -141,7 +141,8 @@ def _dpo_defaults() -> DPOConfig:
 
 
 def _eval_defaults() -> EvalConfig:
-    return replace_keys(EvalConfig(), {"best_of_n": 2, "max_new_tokens": 64, "bootstrap": 500})
+    # engine auto: `make demo` runs in the vLLM venv when `make install` could build it (docs/vllm.md)
+    return replace_keys(EvalConfig(), {"best_of_n": 2, "max_new_tokens": 64, "bootstrap": 500, "engine.name": "auto"})
 
 
 @dataclass
@@ -181,9 +182,10 @@ class PipelineConfig:
                                                       "models, data, paths, seed, device and precision")
     eval: EvalConfig = param(factory=_eval_defaults, help="stage 7, `instructrl eval`; the pipeline sets its "
                                                          "policies, tasks, models, paths, seeds, device and precision")
-    engine: EngineSettings = param(EngineSettings(), "the sampler of the demonstrations' drafts, the rankings' "
-                                                     "K samples, SFT's rm_score selection and PPO's rollouts (stage 7 "
-                                                     "has eval.engine): hf or vllm (docs/vllm.md)")
+    engine: EngineSettings = param(EngineSettings(name="auto"),
+                                   "the sampler of the demonstrations' drafts, the rankings' K samples, SFT's "
+                                   "rm_score selection and PPO's rollouts (stage 7 has eval.engine): auto = vLLM "
+                                   "where it is importable, else the built-in hf sampler (docs/vllm.md)")
 
     def fill(self):
         """Set the keys the pipeline derives in every stage config (round 1's values), before they validate."""
