@@ -603,3 +603,22 @@ def test_vllm_kv_cache_too_big_or_too_small_is_a_clear_error_and_the_next_start_
     want = HFEngine(model, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
     assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
     close_engine()
+
+
+def test_vllm_a_model_it_starts_but_cannot_run_is_a_clear_error_at_start(tiny, tiny_model_dir):
+    """The shared tiny model (head size 8) starts in vLLM but its CPU attention refuses it at the first
+    forward: engine_for says so in one line naming engine.name=hf, and a later engine starts fine."""
+    pytest.importorskip("vllm")
+    from instructrl.engines import close_engine
+    from instructrl.models import load_causal_lm, load_tokenizer
+
+    close_engine()
+    small = load_causal_lm(str(tiny_model_dir))
+    with pytest.raises(ConfigError, match=r"cannot generate with it here .*head_dim=8.*set engine\.name=hf"):
+        engine_for(small, load_tokenizer(str(tiny_model_dir)), EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
+    _, tok, model = tiny
+    eng = engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
+    s = SamplingSettings(8, temperature=0)
+    want = HFEngine(model, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
+    assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
+    close_engine()

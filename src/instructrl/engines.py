@@ -241,6 +241,12 @@ class VLLMEngine:
         # what the KV cache got (VLLM_CPU_KVCACHE_SPACE, if set, overrides ours); None = vLLM's own rule (CUDA)
         kv = self.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes
         self.kv_cache_gib = None if kv is None else kv / GiB
+        try:  # a model can start and still not run: vLLM's CPU attention refuses some head sizes (e.g. 8)
+            self.generate([[eos_id]], SamplingSettings(1, temperature=0.0, seed=0))
+        except RuntimeError as e:
+            self.close()
+            raise ConfigError(f"engine.name=vllm (or auto, with vllm installed): vLLM started {self.path} but cannot "
+                              f"generate with it here ({e}); set engine.name=hf") from None
 
     def generate(self, prompt_ids: Sequence[list[int]], s: SamplingSettings) -> Generation:
         from vllm import SamplingParams
