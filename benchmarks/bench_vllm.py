@@ -23,6 +23,14 @@ line has every run and the medians. With vllm the score phase also runs the poli
 recomputes π_old (the built-in sampler's fp32 log-probs are reused instead), and each step ends with
 a sync_weights.
 
+    ... bench_vllm.py --train-beside [--repeats 3] [--model PATH | --tiny]
+
+asks whether the engine and torch training slow each other in one process (issue 19, "Threads"):
+--repeats training steps of the model (forward, backward and AdamW on 8 sequences of 128 tokens,
+under the run's autocast) before vLLM is imported, then vLLM starts and generates, then --repeats
+pairs alternate a training step and a vLLM call. Reported: the steps' seconds before and beside the
+engine, and vLLM's tok/s after its first call and between training steps.
+
 --tiny: a tiny random Llama (hidden 128, 2 layers, head size 64, as the tests') built in a temp
 folder: a smoke run of either mode in a minute. --kv-cache-gib / --gpu-memory-utilization set the
 engine's engine.kv_cache_gib / engine.gpu_memory_utilization (0 = the engine's default: on CPU a KV
@@ -86,6 +94,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", help="auto = runtime.resolve_precision on this machine")
     ap.add_argument("--compile", action="store_true", help="vLLM with torch.compile (enforce_eager=false)")
     ap.add_argument("--ppo-step", action="store_true", help="time PPO steps with engine=hf vs engine=vllm")
+    ap.add_argument("--train-beside", action="store_true", help="time training steps before and beside the engine")
     ap.add_argument("--batch", type=int, default=16, help="--ppo-step: rollout.batch_size")
     ap.add_argument("--model", default="default", help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (a smoke run)")
@@ -96,6 +105,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.ppo_step:
         return ppo_steps(args)
+    if args.train_beside:
+        return train_beside(args)
 
     import torch
 
@@ -148,6 +159,54 @@ def main() -> None:
         res["vllm"].append(timed(eng, ids, settings))
         print(json.dumps({"pair": len(res["hf"]), "hf": res["hf"][-1], "vllm": res["vllm"][-1]}), flush=True)
     res["ratio_per_pair"] = [round(v / h, 2) for h, v in zip(res["hf"], res["vllm"])]
+    print(json.dumps(res), flush=True)
+
+
+def train_beside(args) -> None:
+    """Training steps before and beside a live engine, and the engine's calls between them."""
+    import torch
+
+    from instructrl.engines import SamplingSettings, engine_for, vllm_available
+    from instructrl.formatting import encode_prompt_for_sampling
+    from instructrl.models import load_causal_lm, load_tokenizer
+    from instructrl.runtime import make_runtime
+    from instructrl.tasks import generate_tasks
+
+    if not vllm_available():
+        print("vllm is not importable here: run this with the vLLM venv's python (docs/vllm.md)")
+        return
+    rt = make_runtime("cpu", args.precision)
+    path = model_folder(args)
+    tok, model = load_tokenizer(path), load_causal_lm(path)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    batch = torch.randint(0, model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        with rt.autocast():
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return round(time.perf_counter() - t0, 2)
+
+    ids = [encode_prompt_for_sampling(tok, [{"role": "user", "content": t.prompt}], 256)
+           for t in generate_tasks(args.prompts, seed=11)]
+    settings = SamplingSettings(args.tokens, temperature=1.0, seed=0)
+    res: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "precision": rt.precision,
+                 "model": path, "train_batch": list(batch.shape), "prompts": args.prompts, "max_new_tokens": args.tokens}
+    step()  # warm-up
+    res["train_s_before_engine"] = [step() for _ in range(args.repeats)]
+    print(json.dumps(res), flush=True)
+    eng = engine_for(model, tok, vllm_settings(args), rt.precision)
+    eng.generate(ids, settings)  # warm-up
+    res["vllm_tok_s_alone"] = timed(eng, ids, settings)
+    res["train_s_beside_engine"], res["vllm_tok_s_between_steps"] = [], []
+    for _ in range(args.repeats):
+        res["train_s_beside_engine"].append(step())
+        res["vllm_tok_s_between_steps"].append(timed(eng, ids, settings))
+    res["train_beside_over_before"] = round(statistics.median(res["train_s_beside_engine"])
+                                            / statistics.median(res["train_s_before_engine"]), 3)
     print(json.dumps(res), flush=True)
 
 
