@@ -36,6 +36,31 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def labeler_gold_agreement(labelers, tasks, rows, min_gap: float = 0.15) -> float:
+    """Expected share of test pairs (gold gap >= min_gap, as ``rm_gold_agreement``) that one labeler orders
+    as the gold scorer does, averaged over ``labelers``: exact for their noise, P(u_i + e_i > u_j + e_j)
+    with u = the labeler's mean utility (gold + length bias): Φ(d / (σ√2)) for Gaussian noise, a
+    logistic with scale σ√6/π for Gumbel (the difference of two Gumbels)."""
+    import itertools
+    import math
+
+    def p_right(lab, d):
+        if lab.noise == 0:
+            return float(d > 0) + 0.5 * (d == 0)
+        if lab.noise_kind == "gaussian":
+            return 0.5 * (1 + math.erf(d / (lab.noise * 2)))  # Φ(d / (σ√2)) = (1 + erf(d / 2σ)) / 2
+        return 1 / (1 + math.exp(-d * math.pi / (lab.noise * math.sqrt(6))))
+
+    shares = []
+    for task, row in zip(tasks, rows):
+        g = row["gold"]
+        for lab in labelers:
+            u = [lab.mean_utility(task, x) for x in row["responses"]]
+            shares += [p_right(lab, (u[i] - u[j]) if g[i] > g[j] else (u[j] - u[i]))
+                       for i, j in itertools.combinations(range(len(g)), 2) if abs(g[i] - g[j]) >= min_gap]
+    return sum(shares) / max(1, len(shares))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/pipeline", help="a pipeline run folder past its round-1 rm stage")
@@ -116,6 +141,11 @@ def main() -> None:
                                                                        for x in xs]}
                                 for t, xs in zip(test_tasks, texts)])
     test = [row for _, row in read_jsonl(test_path)] if test_tasks else []
+    if test:  # the ceiling the labels allow: how often one training labeler orders a test pair as gold does
+        by_id = {t.id: t for t in test_tasks}
+        print(f"training labelers order the test pairs as the gold scorer does: "
+              f"{labeler_gold_agreement(pool.train, [by_id[r['id']] for r in test], test):.3f} (mean over labelers)",
+              flush=True)
     lm = None  # free the sampler before the RMs train
 
     # 3-4. one RM per set and variant, scored on the test set and the eval answers ------------------
