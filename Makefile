@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 PRESET ?= default
 
-.PHONY: install demo test bench clean install-vllm vllm-venv
+.PHONY: install demo test bench clean vllm-venv
 
 # install also builds the vLLM venv (.venv-vllm: vllm needs transformers<5.20, docs/vllm.md); if that fails,
 # make demo samples with the built-in engine and says so
@@ -32,8 +32,6 @@ demo: install
 
 # the test suite stays in .venv (tiny test models have head sizes vLLM's CPU kernels refuse); .ci/vllm.sh
 # runs the engine tests in .venv-vllm
-install-vllm: vllm-venv
-
 test: install
 	$(VENV)/bin/pytest -q
 

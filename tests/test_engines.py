@@ -581,6 +581,17 @@ def test_vllm_sft_rm_score_selection_samples_with_the_engine(tiny, tmp_path):
     assert scores != _rescore(cfg, sel, None)
 
 
+def _starts_and_samples_as_hf(model, tok):
+    """After a refused start: a new engine in this process starts and answers greedily as the HF model."""
+    from instructrl.engines import close_engine
+
+    eng = engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
+    s = SamplingSettings(8, temperature=0)
+    want = HFEngine(model, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
+    assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
+    close_engine()
+
+
 def test_vllm_kv_cache_too_big_or_too_small_is_a_clear_error_and_the_next_start_works(tiny, monkeypatch):
     """More KV cache than free RAM: refused before vLLM starts. Too little for one max_model_len
     sequence: vLLM's error, as one line naming the keys; a later engine in the process starts fine."""
@@ -598,11 +609,7 @@ def test_vllm_kv_cache_too_big_or_too_small_is_a_clear_error_and_the_next_start_
     for gib in (2e-4, 1e-5):  # a few blocks, under 512 tokens; less than one block
         with pytest.raises(ConfigError, match=r"cannot hold one sequence of max_model_len.*engine\.max_model_len"):
             engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=gib, max_model_len=512), "fp32")
-    eng = engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
-    s = SamplingSettings(8, temperature=0)
-    want = HFEngine(model, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
-    assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
-    close_engine()
+    _starts_and_samples_as_hf(model, tok)
 
 
 def test_vllm_a_model_it_starts_but_cannot_run_is_a_clear_error_at_start(tiny, tiny_model_dir):
@@ -617,8 +624,4 @@ def test_vllm_a_model_it_starts_but_cannot_run_is_a_clear_error_at_start(tiny, t
     with pytest.raises(ConfigError, match=r"cannot generate with it here .*head_dim=8.*set engine\.name=hf"):
         engine_for(small, load_tokenizer(str(tiny_model_dir)), EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
     _, tok, model = tiny
-    eng = engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
-    s = SamplingSettings(8, temperature=0)
-    want = HFEngine(model, tok.eos_token_id, tok.pad_token_id).generate(_ids(tok), s)
-    assert torch.equal(eng.generate(_ids(tok), s).response, want.response)
-    close_engine()
+    _starts_and_samples_as_hf(model, tok)
