@@ -625,3 +625,15 @@ def test_vllm_a_model_it_starts_but_cannot_run_is_a_clear_error_at_start(tiny, t
         engine_for(small, load_tokenizer(str(tiny_model_dir)), EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
     _, tok, model = tiny
     _starts_and_samples_as_hf(model, tok)
+
+
+def test_vllm_a_stage_ending_in_one_process_leaves_the_engines_process_group(vllm_engine):
+    """In-process vLLM starts a one-process torch.distributed group; a training stage's close_process_group
+    (for torchrun launches) must not destroy it, or the engine's shutdown fails at exit."""
+    import torch.distributed as dist
+
+    from instructrl.train.processes import close_process_group
+
+    assert dist.is_initialized()
+    close_process_group(ok=True)
+    assert dist.is_initialized()

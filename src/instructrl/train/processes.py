@@ -115,8 +115,15 @@ def close_process_group(ok: bool) -> None:
     leaves the gloo group to the interpreter's exit can abort in a C++ destructor ("terminate called
     without an active exception", SIGABRT), which fails the whole launch. After a clean run every
     process waits for the others first; after an error it leaves at once (the others may never arrive).
+    In one process a group is never ours: it is an in-process vLLM engine's, which must outlive the stage
+    (destroyed here, vLLM's own shutdown fails at the interpreter's exit with "Invalid process group").
     """
+    import os
+
     import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
 
     if not (dist.is_available() and dist.is_initialized()):
         return
