@@ -627,13 +627,22 @@ def test_vllm_a_model_it_starts_but_cannot_run_is_a_clear_error_at_start(tiny, t
     _starts_and_samples_as_hf(model, tok)
 
 
-def test_vllm_a_stage_ending_in_one_process_leaves_the_engines_process_group(vllm_engine):
+def test_vllm_a_stage_ending_in_one_process_leaves_the_engines_process_group(tiny):
     """In-process vLLM starts a one-process torch.distributed group; a training stage's close_process_group
-    (for torchrun launches) must not destroy it, or the engine's shutdown fails at exit."""
+    (for torchrun launches) must not destroy it, or the engine's shutdown fails at exit. The engine is
+    started here: earlier tests close and restart the process's engine, and each close ends its group."""
+    pytest.importorskip("vllm")
     import torch.distributed as dist
 
+    from instructrl.engines import close_engine
     from instructrl.train.processes import close_process_group
 
+    _, tok, model = tiny
+    close_engine()
+    eng = engine_for(model, tok, EngineSettings(name="vllm", kv_cache_gib=0.25), "fp32")
     assert dist.is_initialized()
     close_process_group(ok=True)
     assert dist.is_initialized()
+    eng.generate(_ids(tok), SamplingSettings(4, temperature=0))  # the engine still runs
+    close_engine()  # and shuts down without vLLM's "Invalid process group"
+    assert not dist.is_initialized()
