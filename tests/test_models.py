@@ -191,6 +191,44 @@ def test_convert_embedded_default(tmp_path):
     assert "Paris" in tok.decode(gen[0, len(ids):])
 
 
+def test_frozen_linears_cast_gives_autocasts_outputs_and_gradients_bitwise_and_restores_the_model(tmp_path):
+    """Frozen lower blocks and a tied unembedding cast once to bf16: the same loss and gradients as autocast
+    casting them at every forward; afterwards every parameter is the original tensor, the tie intact."""
+    import torch
+
+    from instructrl.models import build_tiny_model, freeze_lower_layers, frozen_linears_cast, load_causal_lm
+
+    model = load_causal_lm(str(build_tiny_model(tmp_path / "m", hidden=64, layers=4, seed=3)))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    freeze_lower_layers(model, 2)
+    before = dict(model.named_parameters())
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = loss_and_grads()
+    with frozen_linears_cast(torch.bfloat16, model):
+        lin = model.model.layers[0].self_attn.q_proj.weight
+        assert lin.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+        assert model.model.embed_tokens.weight.dtype == torch.float32  # embeddings are not autocast ops
+        assert model.model.layers[3].self_attn.q_proj.weight.dtype == torch.float32  # trainable: untouched
+        cast = loss_and_grads()
+    assert torch.equal(plain[0], cast[0])
+    assert plain[1].keys() == cast[1].keys() and plain[1]
+    assert all(torch.equal(plain[1][n], cast[1][n]) for n in plain[1])
+    assert all(p is before[n] for n, p in model.named_parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with frozen_linears_cast(None, model):  # fp32: nothing changes
+        assert all(p is before[n] for n, p in model.named_parameters())
+
+
 def test_autocast_weight_cache_restores_frozen_flags_and_changes_no_output():
     import torch
 

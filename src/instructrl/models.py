@@ -398,6 +398,40 @@ def autocast_weight_cache(*modules: torch.nn.Module):
             p.requires_grad_(False)
 
 
+
+@contextmanager
+def frozen_linears_cast(dtype: torch.dtype | None, *modules: torch.nn.Module):
+    """Inside the block, every frozen fp32 ``nn.Linear`` weight of ``modules`` is a ``dtype`` copy made once.
+
+    The training-side twin of :func:`autocast_weight_cache`. Autocast keeps its bf16 copy of a weight
+    across forwards only when the weight requires grad; a frozen one (the blocks below
+    ``trainable_layers``, a tied unembedding) is cast again at every forward of every micro-batch, and
+    the trick above cannot be used where gradients flow. The copy is exactly what autocast would make
+    (round to nearest), so under autocast the outputs are bitwise the same. Embeddings are not autocast
+    ops and keep their fp32 weight: a tied unembedding is untied for the block only. ``dtype`` None
+    (fp32) does nothing. Costs a ``dtype`` copy of the frozen linear weights while the block runs.
+    """
+    swapped = []
+    if dtype is not None:
+        copies: dict[int, torch.nn.Parameter] = {}  # one copy per tensor (tied weights stay one)
+        for m in modules:
+            for mod in m.modules():
+                if not isinstance(mod, torch.nn.Linear):
+                    continue
+                for name in ("weight", "bias"):
+                    p = getattr(mod, name)
+                    if p is None or p.requires_grad or p.dtype != torch.float32:
+                        continue
+                    if id(p) not in copies:
+                        copies[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                    swapped.append((mod, name, p))
+                    setattr(mod, name, copies[id(p)])
+    try:
+        yield
+    finally:
+        for mod, name, p in reversed(swapped):
+            setattr(mod, name, p)
+
 # ---------------------------------------------------------------------------
 # Frozen lower blocks shared by several models (PPO with train.trainable_layers)
 # ---------------------------------------------------------------------------

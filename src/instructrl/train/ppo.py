@@ -103,9 +103,10 @@ class PPOTrain:
     epochs: int = param(1, "PPO epochs per rollout batch; 1 because DeepSpeed-Chat reports more were unstable", min=1)
     minibatch_size: int = param(8, "episodes per optimizer step, over all processes (rollout.batch_size must be a multiple)", min=1)
     micro_batch_size: int = param(4, "sequences per forward/backward in one process; sorted by length and trimmed to cut padding", min=1)
-    score_batch_size: int = param(16, "sequences per forward in the no-grad scoring phase (old/reference "
-                                      "log-probs, values, RM); it keeps no activations, so it can exceed "
-                                      "micro_batch_size: fewer, fuller matmuls (TRL: local_rollout_forward_batch_size)", min=1)
+    score_batch_size: int = param(8, "sequences per forward in the no-grad scoring phase (old/reference "
+                                     "log-probs, values, RM); it keeps no activations, so it can exceed "
+                                     "micro_batch_size (TRL: local_rollout_forward_batch_size); smaller chunks of "
+                                     "length-sorted rows carry less padding (docs/ppo.md)", min=1)
     lr: float = param(1e-6, "policy learning rate (Adam)", min=0, min_exclusive=True)
     value_lr: float = param(1e-5, "value model learning rate (Adam)", min=0, min_exclusive=True)
     warmup_steps: int = param(10, "linear LR warm-up in PPO steps, from lr/10 (InstructGPT: 10 iterations)", min=0)
