@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -194,12 +195,14 @@ def train_beside(args) -> None:
            for t in generate_tasks(args.prompts, seed=11)]
     settings = SamplingSettings(args.tokens, temperature=1.0, seed=0)
     res: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "precision": rt.precision,
-                 "model": path, "train_batch": list(batch.shape), "prompts": args.prompts, "max_new_tokens": args.tokens}
+                 "model": path, "train_batch": list(batch.shape), "prompts": args.prompts, "max_new_tokens": args.tokens,
+                 "cpus_before_engine": sorted(os.sched_getaffinity(0))}
     step()  # warm-up
     res["train_s_before_engine"] = [step() for _ in range(args.repeats)]
     print(json.dumps(res), flush=True)
     eng = engine_for(model, tok, vllm_settings(args), rt.precision)
     eng.generate(ids, settings)  # warm-up
+    res["cpus_after_engine"] = sorted(os.sched_getaffinity(0))  # vLLM's CPU worker binds its threads
     res["vllm_tok_s_alone"] = timed(eng, ids, settings)
     res["train_s_beside_engine"], res["vllm_tok_s_between_steps"] = [], []
     for _ in range(args.repeats):
