@@ -398,7 +398,6 @@ def autocast_weight_cache(*modules: torch.nn.Module):
             p.requires_grad_(False)
 
 
-
 @contextmanager
 def frozen_linears_cast(dtype: torch.dtype | None, *modules: torch.nn.Module):
     """Inside the block, every frozen fp32 ``nn.Linear`` weight of ``modules`` is a ``dtype`` copy made once.
@@ -431,6 +430,7 @@ def frozen_linears_cast(dtype: torch.dtype | None, *modules: torch.nn.Module):
     finally:
         for mod, name, p in reversed(swapped):
             setattr(mod, name, p)
+
 
 # ---------------------------------------------------------------------------
 # Frozen lower blocks shared by several models (PPO with train.trainable_layers)

@@ -38,6 +38,7 @@ import torch
 from instructrl.config import ConfigError, check, overwrite_field, param
 from instructrl.engines import EngineSettings
 from instructrl.lora import LoraSettings
+from instructrl.models import frozen_linears_cast
 from instructrl.runtime import Precision, device_field, make_runtime, precision_field, set_threads
 from instructrl.tracking import TrackerKind, tracker_field
 from instructrl.train.common import (ONE_PROCESS_FSDP2, SHARDING_HELP, Sharding, check_trainable,
@@ -284,6 +285,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                          mesh=dist.device_mesh(rt.device) if sharded else None)
     data = load_data(cfg, models.tok)
     opts = make_optimisers(cfg, models)
+    # frozen fp32 weights cast to bf16 once per update, not at every micro-batch's forward (autocast keeps
+    # copies only of weights that require grad); not under LoRA (the frozen base is the whole model) or FSDP2
+    frozen_cast = rt.amp_dtype if models.ref is not None and not sharded else None
     torch.manual_seed(cfg.seed)
     progress = restore(ckpt, opts, dist) if ckpt else Progress()
     # vLLM: one engine per process, started from the policy's folder and synced from the (restored)
@@ -326,7 +330,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         batch, masks, stats = compute_advantages(cfg, g, scored, opts.kl_ctl.value, dist)
         # 5. PPO epochs over minibatches
         skipped_before = progress.skipped["policy"]
-        up = ppo_update(cfg, models, opts, batch, masks, scored.lower, data, progress, rt, dist)
+        with frozen_linears_cast(frozen_cast, *models.trained):  # cast once per update, bitwise the same
+            up = ppo_update(cfg, models, opts, batch, masks, scored.lower, data, progress, rt, dist)
         policy_steps += up.policy_updated
         all_skipped += up.policy_updated and progress.skipped["policy"] - skipped_before == up.updates
         opts.kl_ctl.update(stats.seq_kl, rc.batch_size)

@@ -520,7 +520,7 @@ def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, masks: Glo
     the full minibatch's whatever the split into micro-batches and processes. Sharded, FSDP2 sums them
     in every backward (gradients stay sharded) and the processes run equal numbers of passes.
     """
-    from instructrl.models import attention_implementation, frozen_linears_cast
+    from instructrl.models import attention_implementation
 
     tc, rc = cfg.train, cfg.rollout
     policy, value = models.policy, models.value
@@ -533,78 +533,74 @@ def ppo_update(cfg, models: Models, opts: Optimisers, batch: Rollout, masks: Glo
     mb_gen = torch.Generator().manual_seed(cfg.seed * 7919 + progress.step)
     pol_params = [p for p in policy.parameters() if p.requires_grad]
     val_params = [p for p in value.parameters() if p.requires_grad] if value is not None else []
-    # frozen weights cast to bf16 once per update, not at every micro-batch's forward (bitwise the same);
-    # not under LoRA, whose frozen base is the whole model, nor sharded (DTensor shards)
-    cast = rt.amp_dtype if models.ref is not None and not models.sharded else None
-    with frozen_linears_cast(cast, *models.trained):
-        for _epoch in range(tc.epochs):
-            perm = torch.randperm(B, generator=mb_gen)
-            for start in range(0, B, tc.minibatch_size):
-                mb = perm[start: start + tc.minibatch_size]
-                n_tok = masks.response[mb].sum().to(rt.device)  # the value loss's normaliser
-                pol = masks.policy[mb]  # the policy loss's normalisers: its tokens, its rows, the length budget
-                norm = {"num_tokens": pol.sum().to(rt.device), "aggregation": tc.loss_aggregation,
-                        "num_seqs": (pol.sum(1) > 0).sum().to(rt.device), "max_len": rc.max_new_tokens}
-                move_policy = st.policy_updated and bool(norm["num_tokens"] > 0)  # else: only flat groups here
-                local = (mb[(mb >= mine.start) & (mb < mine.stop)] - mine.start).to(rt.device)
-                count = most_passes(dist, mb, B, tc.micro_batch_size) if models.sharded else 0
-                for opt in (opts.policy_opt, opts.value_opt):
-                    if opt is not None:
-                        opt.zero_grad(set_to_none=True)
-                sums = dict.fromkeys(SUMMED, 0.0)  # this optimizer step's share of each summed UpdateStats field
-                # One autocast context per optimizer step: autocast casts each weight to bf16 once and reuses
-                # the copy for every micro-batch; the weights only change at the step, outside it.
-                with rt.autocast(), attention_implementation(models.train_attention, *models.trained):
-                    for rows, p, r, w in train_passes(local, batch, tc.micro_batch_size, count):
-                        ids, am = window(batch, rows, p, r)
-                        m = batch.response_mask[rows, :r] * w
-                        low = (lower[rows, P - p: P + r], share) if share else None  # frozen: no grad needed
-                        if move_policy:
-                            lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature, low),
-                                                 batch.response[rows, :r])
-                            mp = policy_mask[rows, :r] * w
-                            adv = batch.advantages[rows, :r]
-                            if batch.is_weights is not None:  # TIS: w·A weighs each token's clipped loss by w
-                                adv = adv * batch.is_weights[rows, :r]
-                            pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], adv, mp, tc.cliprange, **norm)
-                            if tc.kl_in_loss:  # GRPO: β·KL(π‖π_SFT) in the loss, k3 estimator
-                                kl_term, _ = kl_loss(lp, batch.ref_logprobs[rows, :r], mp, **norm)
-                                pg = pg + beta * kl_term
-                            pg.backward()
-                            sums["pg_loss"] += float(pg.detach())
-                            sums["clipfrac"] += float(pst["clipfrac"])
-                            sums["approx_kl"] += float(pst["approx_kl"])
-                        if value is not None:
-                            v = response_values(value, ids, am, r, low).float()
-                            vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
-                                                     tc.cliprange_value, n_tok)
-                            vf.backward()
-                            sums["vf_loss"] += float(vf.detach())
-                            sums["vf_clipfrac"] += float(vst["vf_clipfrac"])
-                        sums["tokens"] += float(m.sum())
-                    if data.ptx_ids and move_policy:
-                        sums["ptx_loss"] += ptx_backward(cfg, models, data, progress, rt, dist)
-                sums = dict(zip(sums, dist.sum(list(sums.values()), rt.device)))
-                if not models.sharded:  # sharded: FSDP2's reduce-scatter summed them in each backward
-                    dist.sum_gradients(pol_params + val_params)
-                # non-finite loss or gradient: skip that model's update, count it, never save it
-                pol_norm = full_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm))
-                if move_policy:
-                    if math.isfinite(sums["pg_loss"] + sums["ptx_loss"]) and bool(torch.isfinite(pol_norm)):
-                        opts.policy_opt.step()
-                    else:
-                        progress.skipped["policy"] += 1
-                if value is not None:
-                    val_norm = full_norm(torch.nn.utils.clip_grad_norm_(value.parameters(), tc.max_grad_norm))
-                    if math.isfinite(sums["vf_loss"]) and bool(torch.isfinite(val_norm)):
-                        opts.value_opt.step()
-                    else:
-                        progress.skipped["value"] += 1
-                    opts.value_opt.zero_grad(set_to_none=True)
-                opts.policy_opt.zero_grad(set_to_none=True)
-                for name, x in sums.items():
-                    setattr(st, name, getattr(st, name) + x)
-                st.updates += 1
+    for _epoch in range(tc.epochs):
+        perm = torch.randperm(B, generator=mb_gen)
+        for start in range(0, B, tc.minibatch_size):
+            mb = perm[start: start + tc.minibatch_size]
+            n_tok = masks.response[mb].sum().to(rt.device)  # the value loss's normaliser
+            pol = masks.policy[mb]  # the policy loss's normalisers: its tokens, its rows, the length budget
+            norm = {"num_tokens": pol.sum().to(rt.device), "aggregation": tc.loss_aggregation,
+                    "num_seqs": (pol.sum(1) > 0).sum().to(rt.device), "max_len": rc.max_new_tokens}
+            move_policy = st.policy_updated and bool(norm["num_tokens"] > 0)  # else: only flat groups here
+            local = (mb[(mb >= mine.start) & (mb < mine.stop)] - mine.start).to(rt.device)
+            count = most_passes(dist, mb, B, tc.micro_batch_size) if models.sharded else 0
+            for opt in (opts.policy_opt, opts.value_opt):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            sums = dict.fromkeys(SUMMED, 0.0)  # this optimizer step's share of each summed UpdateStats field
+            # One autocast context per optimizer step: autocast casts each weight to bf16 once and reuses
+            # the copy for every micro-batch; the weights only change at the step, outside it.
+            with rt.autocast(), attention_implementation(models.train_attention, *models.trained):
+                for rows, p, r, w in train_passes(local, batch, tc.micro_batch_size, count):
+                    ids, am = window(batch, rows, p, r)
+                    m = batch.response_mask[rows, :r] * w
+                    low = (lower[rows, P - p: P + r], share) if share else None  # frozen: no grad needed
+                    if move_policy:
+                        lp = gather_logprobs(response_logits(policy, ids, am, r, rc.temperature, low),
+                                             batch.response[rows, :r])
+                        mp = policy_mask[rows, :r] * w
+                        adv = batch.advantages[rows, :r]
+                        if batch.is_weights is not None:  # TIS: w·A weighs each token's clipped loss by w
+                            adv = adv * batch.is_weights[rows, :r]
+                        pg, pst = ppo_policy_loss(lp, batch.logprobs[rows, :r], adv, mp, tc.cliprange, **norm)
+                        if tc.kl_in_loss:  # GRPO: β·KL(π‖π_SFT) in the loss, k3 estimator
+                            kl_term, _ = kl_loss(lp, batch.ref_logprobs[rows, :r], mp, **norm)
+                            pg = pg + beta * kl_term
+                        pg.backward()
+                        sums["pg_loss"] += float(pg.detach())
+                        sums["clipfrac"] += float(pst["clipfrac"])
+                        sums["approx_kl"] += float(pst["approx_kl"])
+                    if value is not None:
+                        v = response_values(value, ids, am, r, low).float()
+                        vf, vst = ppo_value_loss(v, batch.values[rows, :r], batch.returns[rows, :r], m,
+                                                 tc.cliprange_value, n_tok)
+                        vf.backward()
+                        sums["vf_loss"] += float(vf.detach())
+                        sums["vf_clipfrac"] += float(vst["vf_clipfrac"])
+                    sums["tokens"] += float(m.sum())
+                if data.ptx_ids and move_policy:
+                    sums["ptx_loss"] += ptx_backward(cfg, models, data, progress, rt, dist)
+            sums = dict(zip(sums, dist.sum(list(sums.values()), rt.device)))
+            if not models.sharded:  # sharded: FSDP2's reduce-scatter summed them in each backward
+                dist.sum_gradients(pol_params + val_params)
+            # non-finite loss or gradient: skip that model's update, count it, never save it
+            pol_norm = full_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm))
+            if move_policy:
+                if math.isfinite(sums["pg_loss"] + sums["ptx_loss"]) and bool(torch.isfinite(pol_norm)):
+                    opts.policy_opt.step()
+                else:
+                    progress.skipped["policy"] += 1
+            if value is not None:
+                val_norm = full_norm(torch.nn.utils.clip_grad_norm_(value.parameters(), tc.max_grad_norm))
+                if math.isfinite(sums["vf_loss"]) and bool(torch.isfinite(val_norm)):
+                    opts.value_opt.step()
+                else:
+                    progress.skipped["value"] += 1
+                opts.value_opt.zero_grad(set_to_none=True)
+            opts.policy_opt.zero_grad(set_to_none=True)
+            for name, x in sums.items():
+                setattr(st, name, getattr(st, name) + x)
+            st.updates += 1
     if st.policy_updated:  # the policy's LR warm-up starts when the policy does
         opts.policy_sched.step()
     if value is not None:
